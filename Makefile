@@ -1,0 +1,48 @@
+# Everything a fresh machine (Python 3.11 + pip) needs: `make serve` or `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: serve test lint dataset install-serve install-dev bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+## Install the serving dependencies only (no torch) and serve the shipped model.
+install-serve: $(PY)
+	$(PIP) install --quiet -e .
+
+serve: install-serve
+	$(PY) -m service --host $(HOST) --port $(PORT)
+
+## Training, test and lint tools; torch pinned to the CPU build by constraints.txt.
+install-dev: $(PY)
+	$(PIP) install --quiet -c constraints.txt -e '.[train,dev]'
+
+## Fashion-MNIST from Debian's package (needs root or sudo once).
+dataset:
+	@if [ ! -f $(FMNIST_DIR)/t10k-images-idx3-ubyte.gz ] && [ ! -f $(FMNIST_DIR)/t10k-images-idx3-ubyte ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
+	fi
+
+lint: install-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+## The test command: installs what it needs, lints, runs the suite (not slow, not gpu).
+test: install-dev dataset lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: install-dev dataset
+	$(PY) bench/serve_bench.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

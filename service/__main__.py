@@ -1,0 +1,75 @@
+"""``python -m service [--host H] [--port P] [--model PATH]``: serve a model with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.config import Settings
+from service.logs import configure
+from service.runtime import Runtime
+
+log = logging.getLogger("service")
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT, readiness turns 503 and new requests are refused at once; uvicorn then
+    stops accepting connections and waits (up to the grace period) for accepted requests."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.runtime.begin_shutdown()
+        super().handle_exit(sig, frame)
+
+
+def _settings_help() -> str:
+    lines = ["environment variables (each setting; flags override):"]
+    for name, field in Settings.model_fields.items():
+        lines.append(f"  IMGSERVE_{name.upper():<30} {field.description} "
+                     f"(default: {field.default})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description="Serve an ONNX image classifier over HTTP.",
+        epilog=_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="TCP port (default 8000)")
+    parser.add_argument("--model", type=Path, help="ONNX model file (default: the shipped model)")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port,
+                                   "model_path": args.model}.items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    configure(settings.log_level, settings.log_json)
+    if not settings.model_path.is_file():
+        log.error("model file %s not found (set --model or IMGSERVE_MODEL_PATH)",
+                  settings.model_path)
+        return 2
+    runtime = Runtime(settings)
+    app = create_app(settings, runtime=runtime)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, access_log=False, log_config=None,
+        timeout_graceful_shutdown=int(settings.graceful_timeout_s), lifespan="on",
+        server_header=False, timeout_keep_alive=5,
+    )
+    DrainingServer(config, runtime).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""POST /v1/classify: one raw image body, or several multipart ``file`` fields."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from service.api.body import read_images
+from service.api.deps import RuntimeDep
+from service.api.handlers import error_body
+from service.api.schemas import ClassifyResponse, ErrorResponse
+from service.errors import InvalidRequest, ServiceError
+
+router = APIRouter(tags=["classification"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text} for code, text in {
+        400: "not an image, corrupt image, empty body or missing 'file' field",
+        413: "body, pixel count or image count over its limit",
+        415: "an image format or Content-Type that is not accepted",
+        422: "a query parameter out of range",
+        503: "queue full (with Retry-After), not ready, or shutting down",
+        504: "still queued at the request deadline",
+    }.items()
+}
+BODY_DOC = {
+    "requestBody": {
+        "description": "One image as the raw body, or multipart fields named `file`.",
+        "content": {
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
+                "type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        },
+    }
+}
+
+
+def top_k(probs: np.ndarray, k: int, labels: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The k best classes of one probability row, highest first."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in order]
+
+
+@router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS,
+             openapi_extra=BODY_DOC, summary="Classify one or more images")
+async def classify(
+    request: Request,
+    runtime: RuntimeDep,
+    top_k_: Annotated[int, Query(alias="top_k", ge=1, description="predictions per image")] = 5,
+) -> JSONResponse:
+    classifier, _ = runtime.require_ready()
+    meta = classifier.metadata
+    if top_k_ > meta.num_classes:
+        raise InvalidRequest(f"top_k must be between 1 and {meta.num_classes}, got {top_k_}")
+    s = runtime.settings
+    uploads = await read_images(request, s.max_body_bytes, s.max_images_per_request)
+    decoded = await runtime.decode([u.data for u in uploads])
+    good = [d for d in decoded if isinstance(d, np.ndarray)]
+    if not good:
+        first = decoded[0]
+        assert isinstance(first, ServiceError)
+        raise first
+    probs, batch_size = await runtime.classify_pixels(good)
+    request.state.images = len(good)
+    request.state.batch_size = batch_size
+    results: list[dict[str, Any]] = []
+    row = 0
+    for upload, item in zip(uploads, decoded, strict=True):
+        if isinstance(item, ServiceError):
+            results.append({"filename": upload.filename, **error_body(item.type, item.message)})
+        else:
+            results.append({"filename": upload.filename,
+                            "predictions": top_k(probs[row], top_k_, meta.labels)})
+            row += 1
+    return JSONResponse({"model": {"name": meta.name, "version": meta.version},
+                         "results": results})

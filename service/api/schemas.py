@@ -1,0 +1,82 @@
+"""Response models for /v1: they document the API (OpenAPI at /docs); handlers build the same
+shapes directly to keep validation off the hot path."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(examples=["invalid_image"])
+    message: str = Field(examples=["cannot decode the image: image file is truncated"])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Prediction(BaseModel):
+    label: str = Field(examples=["Sneaker"])
+    index: int = Field(examples=[7])
+    score: float = Field(examples=[0.97])
+
+
+class ImageResult(BaseModel):
+    filename: str | None = Field(None, examples=["shoe.png"])
+    predictions: list[Prediction] | None = None
+    error: ErrorDetail | None = None
+
+
+class ModelRef(BaseModel):
+    name: str = Field(examples=["seed_cnn"])
+    version: str = Field(examples=["1"])
+
+
+class ClassifyResponse(BaseModel):
+    model: ModelRef
+    results: list[ImageResult]
+
+
+class Preprocessing(BaseModel):
+    height: int
+    width: int
+    channels: int
+    color_mode: str
+    interpolation: str
+    normalization: str
+    mean: list[float]
+    std: list[float]
+    input_scale: str
+
+
+class Batching(BaseModel):
+    max_batch_size: int
+    max_wait_ms: float
+    max_queue_images: int
+    inference_workers: int
+    buckets: list[int]
+    request_timeout_s: float
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    labels: list[str]
+    input_shape: list[int]
+    color_mode: str
+    preprocessing: Preprocessing
+    provider: str
+    provider_note: str
+    sha256: str
+    dataset: str
+    test_accuracy: float | None
+    batching: Batching
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(examples=["ok"])
+    reason: str | None = None

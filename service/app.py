@@ -1,0 +1,46 @@
+"""The application factory: ``create_app(settings)``. Nothing heavy happens at import."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service import __version__
+from service.api import handlers
+from service.api.middleware import RequestObserver
+from service.api.routes import classify, health, models
+from service.config import Settings
+from service.runtime import ClassifierFactory, Runtime, load_onnx
+
+DESCRIPTION = """Image classification with ONNX Runtime and dynamic batching.
+
+POST an image to `/v1/classify` and get labels with scores back. The Open Inference Protocol
+(KServe V2) is served under `/v2`. Errors share one shape: `{"error": {"type", "message"}}`.
+"""
+
+
+def create_app(settings: Settings | None = None, factory: ClassifierFactory = load_onnx,
+               runtime: Runtime | None = None) -> FastAPI:
+    """Build the app; the lifespan loads and warms the model in the background and starts the
+    batcher, and on exit drains it."""
+    settings = settings or Settings()
+    runtime = runtime or Runtime(settings, factory)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title="imgserve", version=__version__, description=DESCRIPTION,
+                  lifespan=lifespan)
+    app.state.runtime = runtime
+    handlers.install(app)
+    for module in (classify, models, health):
+        app.include_router(module.router)
+    app.add_middleware(RequestObserver, runtime=runtime)
+    return app

@@ -1,0 +1,231 @@
+"""Dynamic batching: concurrent requests gathered into one model call.
+
+Each submitted array becomes one or more queue items (at most ``max_batch_size`` images each)
+with a Future. A batch is released when it holds ``max_batch_size`` images or its oldest image
+has waited ``max_wait_s``. The model runs in a worker thread (ONNX Runtime releases the GIL), so
+the event loop keeps accepting and decoding while a batch computes; with ``workers`` > 1 several
+batches may compute at once. A batch that raises fails only its own requests. The queue is
+bounded in images: a submit that does not fit is refused at once with :class:`Overloaded`.
+This module knows nothing about HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    ModelNotReady,
+    Overloaded,
+    ShuttingDown,
+)
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(eq=False)
+class _Item:
+    x: np.ndarray
+    future: asyncio.Future[tuple[np.ndarray, int]]
+    enqueued: float
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+
+class Batcher:
+    """Gathers concurrent ``submit`` calls into batches for ``predict``."""
+
+    def __init__(
+        self,
+        predict: Predict,
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue_images: int,
+        workers: int = 1,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        if max_queue_images < max_batch_size:
+            raise ValueError("max_queue_images must be at least max_batch_size")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._predict = predict
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue_images = max_queue_images
+        self.workers = workers
+        self._metrics = metrics
+        self._queue: deque[_Item] = deque()
+        self._queued_images = 0
+        self._in_flight = 0
+        self._wakeup = asyncio.Event()
+        self._collect_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._accepting = False
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._accepting and all(not t.done() for t in self._tasks) and bool(self._tasks)
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="inference")
+        self._tasks = [asyncio.create_task(self._worker(), name=f"batcher-{i}")
+                       for i in range(self.workers)]
+        self._accepting = True
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Refuse new work, finish what is queued (up to the timeout), then stop the workers."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while (self._queue or self._in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(ShuttingDown("the server is shutting down"))
+        self._queued_images = 0
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # --- submitting ----------------------------------------------------------------------------
+    async def submit(self, x: np.ndarray, timeout_s: float) -> tuple[np.ndarray, int]:
+        """Classify an N×C×H×W batch; returns its N rows and the largest batch it rode in.
+
+        Raises Overloaded, DeadlineExceeded,
+        InferenceFailed, ShuttingDown or ModelNotReady."""
+        if not self._accepting:
+            raise ShuttingDown("the server is shutting down") if self._tasks else ModelNotReady(
+                "the model is not ready yet")
+        n = int(x.shape[0])
+        if n == 0:
+            raise ValueError("submit needs at least one image")
+        if self._queued_images + n > self.max_queue_images:
+            if self._metrics:
+                self._metrics.rejected.labels("queue_full").inc()
+            raise Overloaded(
+                f"{self._queued_images} images are queued (limit {self.max_queue_images}); "
+                "retry shortly", retry_after=1)
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        items = [_Item(x[i : i + self.max_batch_size], loop.create_future(), now)
+                 for i in range(0, n, self.max_batch_size)]
+        self._queue.extend(items)
+        self._queued_images += n
+        if self._metrics:
+            self._metrics.queue_depth.set(self._queued_images)
+        self._wakeup.set()
+        try:
+            parts = await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), timeout_s)
+        except TimeoutError:
+            if self._metrics:
+                self._metrics.rejected.labels("deadline").inc()
+            raise DeadlineExceeded(
+                f"not answered within the {timeout_s:g} s request deadline") from None
+        rows = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+        return rows, max(p[1] for p in parts)
+
+    # --- the worker loop -------------------------------------------------------------------------
+    async def _worker(self) -> None:
+        while True:
+            batch = await self._collect()
+            self._in_flight += 1
+            try:
+                await self._run(batch)
+            finally:
+                self._in_flight -= 1
+
+    async def _collect(self) -> list[_Item]:
+        loop = asyncio.get_running_loop()
+        async with self._collect_lock:  # one collector at a time keeps batches full
+            while not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            release_at = self._queue[0].enqueued + self.max_wait_s
+            while self._queued_images < self.max_batch_size:
+                remaining = release_at - loop.time()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch: list[_Item] = []
+            size = 0
+            while self._queue and size + self._queue[0].n <= self.max_batch_size:
+                item = self._queue.popleft()
+                self._queued_images -= item.n
+                if item.future.done():  # the caller gave up (deadline or disconnect)
+                    continue
+                batch.append(item)
+                size += item.n
+            if self._metrics:
+                self._metrics.queue_depth.set(self._queued_images)
+            return batch
+
+    async def _run(self, batch: list[_Item]) -> None:
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        x = batch[0].x if len(batch) == 1 else np.concatenate([i.x for i in batch])
+        metrics = self._metrics
+        if metrics:
+            for item in batch:
+                metrics.queue_wait.observe(start - item.enqueued)
+        try:
+            assert self._executor is not None
+            out = await loop.run_in_executor(self._executor, self._predict, x)
+            if not isinstance(out, np.ndarray) or out.ndim != 2 or out.shape[0] != x.shape[0]:
+                shape = getattr(out, "shape", type(out).__name__)
+                raise RuntimeError(f"model returned {shape} for a batch of {x.shape[0]}")
+        except Exception as exc:
+            log.exception("batch of %d images failed", x.shape[0])
+            if metrics:
+                metrics.batch_failures.inc()
+            error = InferenceFailed(f"the model failed on this request's batch: "
+                                    f"{type(exc).__name__}")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        if metrics:
+            metrics.inference.observe(loop.time() - start)
+            metrics.batch_size.observe(x.shape[0])
+            metrics.images.inc(x.shape[0])
+        offset = 0
+        for item in batch:
+            if not item.future.done():
+                item.future.set_result((out[offset : offset + item.n], int(x.shape[0])))
+            offset += item.n

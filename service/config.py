@@ -1,0 +1,95 @@
+"""Service settings: one pydantic-settings class, read once at start-up and passed down.
+
+Every field can be set from the environment as ``IMGSERVE_<FIELD>`` (for example
+``IMGSERVE_MAX_BATCH_SIZE=64``); ``python -m service --help`` lists them. No other module reads
+``os.environ``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL = REPO_MODELS / "fashion_mnist_seed_cnn.onnx"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMGSERVE_", extra="ignore", frozen=True)
+
+    # --- server -----------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    model_path: Path = Field(DEFAULT_MODEL, description="ONNX model exported by training")
+    log_json: bool = Field(False, description="one JSON object per log line")
+    log_level: str = Field("info", description="debug, info, warning or error")
+    access_log: bool = Field(True, description="one structured line per request")
+    graceful_timeout_s: float = Field(
+        30.0, gt=0, description="on SIGTERM, how long accepted requests may take to finish"
+    )
+
+    # --- execution ----------------------------------------------------------------------------
+    provider: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto uses CUDA when usable, CPU otherwise"
+    )
+    device_id: int = Field(0, ge=0, description="CUDA device index")
+    require_gpu: bool = Field(
+        False, description="refuse to become ready if the session is not on the GPU"
+    )
+    intra_op_threads: int = Field(
+        1, ge=0, description="ONNX Runtime threads per inference call; 0 = all cores"
+    )
+    inference_workers: int = Field(
+        1, ge=1, le=64, description="batches that may run at the same time"
+    )
+    decode_threads: int = Field(0, ge=0, description="image decode threads; 0 = all cores")
+    warmup: bool = Field(True, description="run every batch shape once before readiness")
+
+    # --- CUDA execution provider (ignored on CPU) ----------------------------------------------
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        "EXHAUSTIVE", description="cuDNN convolution algorithm search; tuned once per bucket"
+    )
+    cuda_copy_in_default_stream: bool = Field(
+        True, description="copy on the compute stream (safer ordering, no extra sync)"
+    )
+    cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
+        "kSameAsRequested", description="GPU memory arena growth"
+    )
+    gpu_mem_limit_bytes: int = Field(0, ge=0, description="GPU arena limit in bytes; 0 = none")
+    cuda_graphs: bool = Field(False, description="capture a CUDA graph per batch bucket")
+    io_binding: bool = Field(True, description="bind inputs/outputs explicitly on CUDA")
+    tensorrt: bool = Field(False, description="use the TensorRT provider when installed")
+    tensorrt_fp16: bool = Field(True, description="let TensorRT use fp16 kernels")
+    tensorrt_cache_dir: Path = Field(
+        Path("/tmp/imgserve-trt-cache"), description="TensorRT engine cache"
+    )
+
+    # --- batching -----------------------------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, le=4096, description="images per model call, at most")
+    max_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="longest the oldest queued image waits for company"
+    )
+    batch_buckets: Literal["auto", "on", "off"] = Field(
+        "auto", description="pad batches to powers of two (few shapes, each warmed up); "
+        "auto = on for GPU providers, off on CPU where padding only costs"
+    )
+    max_queue_images: int = Field(
+        2048, ge=1, description="images waiting at most; beyond, 503 with Retry-After"
+    )
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="a request still queued after this gets 504"
+    )
+
+    # --- limits -------------------------------------------------------------------------------
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1, description="request body limit (413)")
+    max_pixels: int = Field(40_000_000, ge=1, description="pixels per image, from the header")
+    max_images_per_request: int = Field(64, ge=1, description="images in one request")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_queue_images < self.max_images_per_request:
+            raise ValueError("max_queue_images must hold at least max_images_per_request")
+        return self

@@ -1,0 +1,166 @@
+"""Image decoding and preprocessing shared by training and serving.
+
+This module is the single place where bytes become model pixels. Training's data loaders and the
+service both call :func:`decode_image`, so an image file gets identical pixels on both sides.
+It depends on Pillow and NumPy only: never on torch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How an image becomes the model's input; written into the ONNX metadata by training."""
+
+    height: int
+    width: int
+    channels: int
+    interpolation: str = "bilinear"
+    # Pixels are fed as uint8 / 255 in [0, 1]; mean/std normalisation is inside the graph.
+    normalization: str = "in_graph"
+    mean: tuple[float, ...] = field(default_factory=tuple)
+    std: tuple[float, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"image size must be positive, got {self.height}x{self.width}")
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(
+                f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}"
+            )
+
+    @property
+    def color_mode(self) -> str:
+        """Pillow mode of the model input: 'L' (grey) or 'RGB'."""
+        return "L" if self.channels == 1 else "RGB"
+
+    def to_json(self) -> str:
+        """Serialise for the ONNX metadata."""
+        data = asdict(self)
+        data["color_mode"] = self.color_mode
+        data["input_scale"] = "1/255"
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PreprocessSpec:
+        """Read back what :meth:`to_json` wrote; unknown keys are ignored."""
+        data: dict[str, Any] = json.loads(text)
+        return cls(
+            height=int(data["height"]),
+            width=int(data["width"]),
+            channels=int(data["channels"]),
+            interpolation=str(data.get("interpolation", "bilinear")),
+            normalization=str(data.get("normalization", "in_graph")),
+            mean=tuple(float(v) for v in data.get("mean", ())),
+            std=tuple(float(v) for v in data.get("std", ())),
+        )
+
+
+def _open(data: bytes) -> Image.Image:
+    if not data:
+        raise InvalidImage("the image is empty (0 bytes)")
+    try:
+        return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"image has too many pixels: {exc}") from exc
+    except UnidentifiedImageError:
+        pass
+    except Exception as exc:  # Pillow raises many types for malformed headers
+        raise InvalidImage(f"cannot read the image header: {exc}") from exc
+    # Tell "an image in a format we refuse" (415) from "not an image" (400). Opening reads the
+    # header only; nothing in an unaccepted format is ever decoded.
+    try:
+        with Image.open(io.BytesIO(data)) as other:
+            found = other.format
+    except Exception:
+        found = None
+    if found:
+        raise UnsupportedMediaType(
+            f"image format {found} is not supported; use one of {', '.join(ACCEPTED_FORMATS)}"
+        )
+    raise InvalidImage("the bytes are not an image in a recognised format")
+
+
+def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """Convert any Pillow mode to 'L' or 'RGB'; transparency is composited onto black."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if wide.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.rint(wide * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8), "L")
+    elif img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        img = img.convert("RGB")
+    elif img.mode == "1":
+        img = img.convert("L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.uint16)
+        rgb = (rgba[..., :3] * rgba[..., 3:4] + 127) // 255
+        img = Image.fromarray(rgb.astype(np.uint8), "RGB")
+    return img if img.mode == mode else img.convert(mode)
+
+
+def decode_image(data: bytes, spec: PreprocessSpec, max_pixels: int | None = None) -> np.ndarray:
+    """Decode encoded image bytes into a C×H×W uint8 array in the model's size and colour mode.
+
+    Raises InvalidImage (corrupt or not an image), UnsupportedMediaType (a format we refuse) or
+    PayloadTooLarge (more than ``max_pixels`` pixels, checked from the header before decoding).
+    """
+    img = _open(data)
+    try:
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise PayloadTooLarge(
+                f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+            )
+        if img.format == "JPEG":
+            # Decode at a reduced DCT scale when the target is much smaller: the cost then stops
+            # growing with megapixels. draft() keeps the result at least as large as asked.
+            img.draft(spec.color_mode, (spec.width, spec.height))
+        try:
+            img.load()
+            oriented = ImageOps.exif_transpose(img)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise PayloadTooLarge(f"image has too many pixels: {exc}") from exc
+        except Exception as exc:  # truncated or corrupt data: every decoder raises its own type
+            raise InvalidImage(f"cannot decode the image: {exc}") from exc
+        out = _to_mode(oriented, spec.color_mode)
+        if out.size != (spec.width, spec.height):
+            out = out.resize((spec.width, spec.height), _RESAMPLE[spec.interpolation])
+        pixels = np.asarray(out, dtype=np.uint8)
+    finally:
+        img.close()
+    if pixels.ndim == 2:
+        return pixels[np.newaxis, :, :]
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def to_model_input(pixels: np.ndarray) -> np.ndarray:
+    """uint8 pixels (C×H×W or N×C×H×W) to the float32 values the model takes, in [0, 1]."""
+    return pixels.astype(np.float32) / np.float32(255.0)

@@ -1,0 +1,47 @@
+"""All Prometheus metrics, declared once on a registry the app owns (no global registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("imgserve_requests_total",
+                                "HTTP requests by route and status class",
+                                ["route", "status_class"], registry=r)
+        self.request_latency = Histogram("imgserve_request_duration_seconds",
+                                         "HTTP request latency", ["route"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("imgserve_queue_wait_seconds",
+                                    "time from enqueue to the start of the model call",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.inference = Histogram("imgserve_inference_duration_seconds",
+                                   "model call duration per batch", buckets=LATENCY_BUCKETS,
+                                   registry=r)
+        self.decode = Histogram("imgserve_decode_duration_seconds", "image decode time per image",
+                                buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("imgserve_batch_size_images", "images per model call",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("imgserve_queue_depth_images", "images waiting for the model",
+                                 registry=r)
+        self.rejected = Counter("imgserve_rejected_requests_total",
+                                "requests refused before inference, by reason", ["reason"],
+                                registry=r)
+        self.images = Counter("imgserve_images_classified_total", "images classified",
+                              registry=r)
+        self.batch_failures = Counter("imgserve_batch_failures_total",
+                                      "model calls that raised", registry=r)
+        self.model_info = Gauge("imgserve_model_info", "the loaded model (value is always 1)",
+                                ["name", "version", "provider"], registry=r)
+        self.ready = Gauge("imgserve_ready", "1 when the service is ready to serve", registry=r)
+        self.gpu_memory_used = Gauge("imgserve_gpu_memory_used_bytes", "GPU memory in use (NVML)",
+                                     ["device"], registry=r)
+        self.gpu_utilization = Gauge("imgserve_gpu_utilization_ratio",
+                                     "GPU busy fraction over the last sample period (NVML)",
+                                     ["device"], registry=r)

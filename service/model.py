@@ -1,0 +1,239 @@
+"""The model contract and its ONNX Runtime implementation.
+
+A :class:`Classifier` is batch-native: ``predict`` takes an N×C×H×W float32 array of pixels in
+[0, 1] and returns N×K probabilities. Everything it needs to know about preprocessing and labels
+comes from the ONNX file's metadata, written by ``training.export``. Nothing here knows HTTP.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from service.buckets import bucket_sizes, pad_rows
+from service.config import Settings
+from service.imaging import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+
+
+class ModelLoadError(RuntimeError):
+    """The file is missing, not ONNX, or lacks the metadata the service needs."""
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    version: str
+    labels: tuple[str, ...]
+    spec: PreprocessSpec
+    dataset: str
+    test_accuracy: float | None
+    sha256: str
+    input_name: str
+    output_name: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        """(-1, C, H, W): -1 is the dynamic batch dimension."""
+        return (-1, self.spec.channels, self.spec.height, self.spec.width)
+
+
+class Classifier(ABC):
+    """The batch-native contract the batcher calls from a worker thread."""
+
+    metadata: ModelMetadata
+    provider: str = CPU
+    provider_note: str = ""
+
+    @abstractmethod
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """N×C×H×W float32 in [0, 1] -> N×K float32 probabilities (same N, same order)."""
+
+    def warmup(self, batch_sizes: list[int]) -> None:
+        """Run each batch size once so the first real request pays no first-call costs."""
+        c, h, w = self.metadata.input_shape[1:]
+        for n in batch_sizes:
+            self.predict(np.zeros((n, c, h, w), dtype=np.float32))
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_metadata(session: ort.InferenceSession, path: Path, sha256: str) -> ModelMetadata:
+    """Labels and preprocessing from the file's metadata, checked against the graph's shapes."""
+    props: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
+    missing = [k for k in ("imgserve.labels", "imgserve.preprocess") if k not in props]
+    if missing:
+        raise ModelLoadError(
+            f"{path} lacks metadata {missing}: export it with `python -m training export`"
+        )
+    try:
+        labels = tuple(str(v) for v in json.loads(props["imgserve.labels"]))
+        spec = PreprocessSpec.from_json(props["imgserve.preprocess"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{path}: malformed metadata: {exc}") from exc
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelLoadError(f"{path}: expected one input and one output")
+    shape = list(inputs[0].shape)
+    if len(shape) != 4 or [shape[1], shape[2], shape[3]] != [spec.channels, spec.height,
+                                                              spec.width]:
+        raise ModelLoadError(f"{path}: input shape {shape} does not match metadata {spec}")
+    if isinstance(shape[0], int) and shape[0] > 0:
+        raise ModelLoadError(f"{path}: the batch dimension must be dynamic, not {shape[0]}")
+    accuracy = props.get("imgserve.test_accuracy")
+    return ModelMetadata(
+        name=props.get("imgserve.model_name", path.stem),
+        version=props.get("imgserve.model_version", "1"),
+        labels=labels,
+        spec=spec,
+        dataset=props.get("imgserve.dataset", ""),
+        test_accuracy=float(accuracy) if accuracy else None,
+        sha256=sha256,
+        input_name=inputs[0].name,
+        output_name=outputs[0].name,
+        extra={k: v for k, v in props.items() if not k.startswith("imgserve.")},
+    )
+
+
+def cuda_usable() -> tuple[bool, str]:
+    """Whether ONNX Runtime's CUDA provider can run here, without letting it try and log errors.
+
+    onnxruntime-gpu lists CUDA as available even with no GPU or no CUDA libraries; creating a
+    session then logs an error and falls back. Probing the driver and libraries first keeps the
+    CPU fallback quiet.
+    """
+    if CUDA not in ort.get_available_providers():
+        return False, "this onnxruntime build has no CUDA provider"
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False, "no NVIDIA driver (libcuda.so.1 not found)"
+    if driver.cuInit(0) != 0:
+        return False, "the NVIDIA driver found no usable GPU (cuInit failed)"
+    count = ctypes.c_int(0)
+    if driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
+        return False, "no CUDA device"
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:  # CUDA/cuDNN from the nvidia-* pip packages, when installed
+        try:
+            preload()
+        except Exception as exc:  # pragma: no cover - depends on the host's libraries
+            log.debug("onnxruntime.preload_dlls: %s", exc)
+    build = getattr(getattr(ort, "capi", None), "build_and_package_info", None)
+    major = str(getattr(build, "cuda_version", "") or "13").split(".")[0]
+    for lib in (f"libcudart.so.{major}", f"libcublasLt.so.{major}", "libcudnn.so.9"):
+        try:
+            ctypes.CDLL(lib)
+        except OSError:
+            return False, f"{lib} not found (CUDA {major} and cuDNN 9 are needed)"
+    return True, f"{count.value} CUDA device(s)"
+
+
+def _providers(settings: Settings) -> tuple[list[Any], str]:
+    if settings.provider == "cpu":
+        return [CPU], "CPU forced by settings"
+    usable, why = cuda_usable()
+    if not usable and settings.provider == "auto":
+        return [CPU], f"CUDA not usable: {why}"
+    cuda_options = {
+        "device_id": settings.device_id,
+        "cudnn_conv_algo_search": settings.cudnn_conv_algo_search,
+        "do_copy_in_default_stream": settings.cuda_copy_in_default_stream,
+        "arena_extend_strategy": settings.cuda_arena_extend_strategy,
+        "enable_cuda_graph": settings.cuda_graphs,
+    }
+    if settings.gpu_mem_limit_bytes:
+        cuda_options["gpu_mem_limit"] = settings.gpu_mem_limit_bytes
+    chain: list[Any] = [(CUDA, cuda_options), CPU]
+    if settings.tensorrt and TENSORRT in ort.get_available_providers():
+        settings.tensorrt_cache_dir.mkdir(parents=True, exist_ok=True)
+        chain.insert(0, (TENSORRT, {
+            "device_id": settings.device_id,
+            "trt_fp16_enable": settings.tensorrt_fp16,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(settings.tensorrt_cache_dir),
+        }))
+    return chain, why
+
+
+class OnnxClassifier(Classifier):
+    """An ONNX Runtime session on the best usable provider, with batches padded to buckets."""
+
+    def __init__(self, path: Path, settings: Settings, buckets: list[int] | None = None) -> None:
+        if not path.is_file():
+            raise ModelLoadError(f"model file {path} not found")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = settings.intra_op_threads
+        options.inter_op_num_threads = 1
+        # Spinning workers burn a core per thread between calls without adding throughput.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3
+        providers, note = _providers(settings)
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load {path}: {exc}") from exc
+        self.provider = self.session.get_providers()[0]
+        self.provider_note = note
+        self.metadata = read_metadata(self.session, path, file_sha256(path))
+        on_gpu = self.provider in (CUDA, TENSORRT)
+        use_buckets = settings.batch_buckets == "on" or (settings.batch_buckets == "auto"
+                                                          and on_gpu)
+        # Buckets cap the number of shapes the session sees; on the GPU that avoids per-shape
+        # cuDNN tuning and arena growth. CUDA graphs need fixed shapes, so they imply buckets.
+        self.buckets = buckets or (bucket_sizes(settings.max_batch_size)
+                                   if use_buckets or settings.cuda_graphs else [])
+        self._io_binding = on_gpu and settings.io_binding
+        self._device_id = settings.device_id
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        n = batch.shape[0]
+        padded = pad_rows(batch, self.buckets) if self.buckets else batch
+        if self._io_binding:
+            out = self._run_bound(padded)
+        else:
+            out = self.session.run([self.metadata.output_name],
+                                   {self.metadata.input_name: padded})[0]
+        return np.asarray(out[:n])
+
+    def _run_bound(self, batch: np.ndarray) -> np.ndarray:
+        binding = self.session.io_binding()
+        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch), "cuda",
+                                                 self._device_id)
+        binding.bind_ortvalue_input(self.metadata.input_name, value)
+        binding.bind_output(self.metadata.output_name, "cpu")
+        self.session.run_with_iobinding(binding)
+        result: np.ndarray = binding.copy_outputs_to_cpu()[0]
+        return result
+
+    def warmup(self, batch_sizes: list[int]) -> None:
+        super().warmup(self.buckets or batch_sizes)

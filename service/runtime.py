@@ -1,0 +1,149 @@
+"""The running service: model, batcher, decode pool, metrics and readiness, without HTTP.
+
+Routes of every protocol call :meth:`Runtime.decode` and :meth:`Runtime.infer`; the lifespan
+calls :meth:`Runtime.start` and :meth:`Runtime.stop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from service.batcher import Batcher
+from service.config import Settings
+from service.errors import ModelNotReady, ServiceError
+from service.imaging import decode_image, to_model_input
+from service.metrics import Metrics
+from service.model import Classifier, OnnxClassifier
+
+log = logging.getLogger(__name__)
+
+ClassifierFactory = Callable[[Settings], Classifier]
+
+
+def load_onnx(settings: Settings) -> Classifier:
+    return OnnxClassifier(settings.model_path, settings)
+
+
+class Runtime:
+    def __init__(self, settings: Settings, factory: ClassifierFactory = load_onnx,
+                 metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self._factory = factory
+        self.classifier: Classifier | None = None
+        self.batcher: Batcher | None = None
+        self.shutting_down = False
+        self.not_ready_reason = "the model is loading"
+        self.started_at = time.time()
+        self._decode_pool = ThreadPoolExecutor(settings.decode_threads or os.cpu_count() or 1,
+                                               thread_name_prefix="decode")
+        self._loader: asyncio.Task[None] | None = None
+
+    # --- readiness ---------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return (not self.shutting_down and self.classifier is not None
+                and self.batcher is not None and self.batcher.running
+                and self.not_ready_reason == "")
+
+    def begin_shutdown(self) -> None:
+        """Called on SIGTERM: readiness turns false at once; new requests are refused."""
+        if not self.shutting_down:
+            log.info("shutdown begun: readiness is now false; draining accepted requests")
+        self.shutting_down = True
+        self.not_ready_reason = "shutting down"
+        self.metrics.ready.set(0)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load, warm up and start batching in the background, so liveness answers meanwhile."""
+        self._loader = asyncio.create_task(self._load(), name="model-loader")
+
+    async def wait_loaded(self) -> None:
+        if self._loader is not None:
+            await asyncio.shield(self._loader)
+
+    async def _load(self) -> None:
+        s = self.settings
+        try:
+            classifier = await asyncio.to_thread(self._factory, s)
+            started = time.perf_counter()
+            await asyncio.to_thread(classifier.warmup, sorted({1, s.max_batch_size}))
+            warm_s = time.perf_counter() - started
+        except Exception as exc:
+            log.exception("model failed to load")
+            self.not_ready_reason = f"model failed to load: {exc}"
+            return
+        meta = classifier.metadata
+        self.classifier = classifier
+        self.metrics.model_info.labels(meta.name, meta.version, classifier.provider).set(1)
+        log.info("model %s v%s loaded from %s on %s (%s); warm-up %.2f s",
+                 meta.name, meta.version, s.model_path, classifier.provider,
+                 classifier.provider_note, warm_s)
+        if s.require_gpu and classifier.provider == "CPUExecutionProvider":
+            self.not_ready_reason = (f"require_gpu is set but the session runs on CPU: "
+                                     f"{classifier.provider_note}")
+            log.error("not ready: %s", self.not_ready_reason)
+            return
+        self.batcher = Batcher(classifier.predict, max_batch_size=s.max_batch_size,
+                               max_wait_s=s.max_wait_ms / 1000, max_queue_images=s.max_queue_images,
+                               workers=s.inference_workers, metrics=self.metrics)
+        await self.batcher.start()
+        if not self.shutting_down:
+            self.not_ready_reason = ""
+            self.metrics.ready.set(1)
+
+    async def stop(self) -> None:
+        self.begin_shutdown()
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()
+        if self.batcher is not None:
+            await self.batcher.stop(self.settings.graceful_timeout_s)
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self.classifier is not None:
+            self.classifier.close()
+
+    # --- work ----------------------------------------------------------------------------------
+    def require_ready(self) -> tuple[Classifier, Batcher]:
+        if self.classifier is None or self.batcher is None or not self.ready:
+            if self.shutting_down:
+                from service.errors import ShuttingDown
+
+                raise ShuttingDown("the server is shutting down")
+            raise ModelNotReady(f"not ready: {self.not_ready_reason}")
+        return self.classifier, self.batcher
+
+    def _decode_one(self, data: bytes) -> np.ndarray | ServiceError:
+        assert self.classifier is not None
+        started = time.perf_counter()
+        try:
+            return decode_image(data, self.classifier.metadata.spec, self.settings.max_pixels)
+        except ServiceError as exc:
+            return exc
+        finally:
+            self.metrics.decode.observe(time.perf_counter() - started)
+
+    async def decode(self, images: Sequence[bytes]) -> list[np.ndarray | ServiceError]:
+        """Decode each image in the decode pool; failures come back in place, not raised."""
+        self.require_ready()
+        loop = asyncio.get_running_loop()
+        if len(images) == 1:  # the common case: one hop to the pool, no gather
+            return [await loop.run_in_executor(self._decode_pool, self._decode_one, images[0])]
+        return list(await asyncio.gather(
+            *(loop.run_in_executor(self._decode_pool, self._decode_one, d) for d in images)))
+
+    async def infer(self, pixels: np.ndarray) -> tuple[np.ndarray, int]:
+        """Probabilities for an N×C×H×W float32 batch through the shared batcher."""
+        _, batcher = self.require_ready()
+        return await batcher.submit(pixels, self.settings.request_timeout_s)
+
+    async def classify_pixels(self, decoded: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
+        """Probabilities for decoded uint8 images."""
+        return await self.infer(to_model_input(np.stack(decoded)))

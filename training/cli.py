@@ -1,0 +1,123 @@
+"""Command line: ``python -m training {train,evaluate,export,write-folder}``; it only parses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from training.config import TINY, TrainConfig
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, type=type(f.default), default=None,
+                            help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from training.train import train
+
+    values = {k: v for k, v in vars(args).items()
+              if k in {f.name for f in dataclasses.fields(TrainConfig)} and v is not None}
+    base = TINY if args.tiny else {}
+    cfg = TrainConfig.from_dict({**base, **values})
+    resume = Path(args.resume) if args.resume else None
+    if resume is not None and args.out is None:
+        cfg.out = str(resume if resume.is_dir() else resume.parent)
+    result = train(cfg, resume)
+    print(json.dumps({"out": str(result.out), "best_val_acc": round(result.best_val_acc, 4),
+                      "epochs_run": result.epochs_run, "seconds": round(result.seconds, 1),
+                      "interrupted": result.interrupted}))
+    return 130 if result.interrupted else 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_run, format_table
+
+    m = evaluate_run(Path(args.run), Path(args.out) if args.out else None)
+    print(f"{m['split']} set, {m['n']} images")
+    print(format_table(m))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from training.export import ModelInfo, export_onnx
+    from training.train import load_checkpoint, model_from_checkpoint
+
+    run = Path(args.run)
+    ckpt = load_checkpoint(run)
+    model, spec = model_from_checkpoint(ckpt)
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    accuracy = None
+    eval_json = (run if run.is_dir() else run.parent) / "eval" / "metrics.json"
+    if eval_json.is_file():
+        accuracy = float(json.loads(eval_json.read_text())["accuracy"])
+    dataset = cfg.data if cfg.data == "fashion-mnist" else Path(cfg.data).name
+    info = ModelInfo(args.name or cfg.model, args.version, dataset, accuracy)
+    worst = export_onnx(model, spec, ckpt["classes"], Path(args.out), info)
+    print(json.dumps({"out": args.out, "max_abs_diff_vs_torch": worst, "test_accuracy": accuracy}))
+    return 0
+
+
+def _cmd_write_folder(args: argparse.Namespace) -> int:
+    from training.data import FASHION_MNIST_DIR, load_fashion_mnist, write_image_folder
+
+    images = load_fashion_mnist(args.split, Path(args.fashion_mnist_dir or FASHION_MNIST_DIR))
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    n = write_image_folder(images, Path(args.out), classes, args.per_class)
+    print(f"wrote {n} images under {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model", description="Train a model; writes "
+                       "checkpoints (last.pt, best.pt) and metrics.jsonl into --out.")
+    _add_config_args(p)
+    p.add_argument("--resume", help="continue from a run folder or a checkpoint file")
+    p.add_argument("--tiny", action="store_true", help=f"quick preset: {TINY}")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a run's best checkpoint",
+                       description="Metrics, table and plots into <run>/eval/.")
+    p.add_argument("run", help="run folder (uses best.pt) or checkpoint file")
+    p.add_argument("--out", help="output folder (default: <run>/eval)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a run to ONNX",
+                       description="Export to ONNX with labels and preprocessing in its metadata; "
+                       "fails unless ONNX Runtime matches torch within 1e-5.")
+    p.add_argument("run", help="run folder (uses best.pt) or checkpoint file")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--name", help="model name in the metadata (default: the architecture)")
+    p.add_argument("--version", default="1", help="model version in the metadata")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("write-folder", help="write Fashion-MNIST as an image folder of PNGs",
+                       description="Write <out>/<class>/<n>.png from the Fashion-MNIST idx files.")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--split", choices=("train", "test"), default="test")
+    p.add_argument("--classes", help="comma-separated class names (default: all ten)")
+    p.add_argument("--per-class", type=int, default=0, help="images per class (0 = all)")
+    p.add_argument("--fashion-mnist-dir", help="folder of the idx files")
+    p.set_defaults(func=_cmd_write_folder)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
