@@ -81,6 +81,7 @@ class Batcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._executor: ThreadPoolExecutor | None = None
         self._accepting = False
+        self._stopping = False
 
     # --- lifecycle -------------------------------------------------------------------------------
     @property
@@ -102,6 +103,7 @@ class Batcher:
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Refuse new work, finish what is queued (up to the timeout), then stop the workers."""
         self._accepting = False
+        self._stopping = True
         deadline = time.monotonic() + drain_timeout_s
         while (self._queue or self._in_flight) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -125,8 +127,9 @@ class Batcher:
         Raises Overloaded, DeadlineExceeded,
         InferenceFailed, ShuttingDown or ModelNotReady."""
         if not self._accepting:
-            raise ShuttingDown("the server is shutting down") if self._tasks else ModelNotReady(
-                "the model is not ready yet")
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            raise ModelNotReady("the model is not ready yet")
         n = int(x.shape[0])
         if n == 0:
             raise ValueError("submit needs at least one image")

@@ -75,7 +75,8 @@ class Runtime:
         try:
             classifier = await asyncio.to_thread(self._factory, s)
             started = time.perf_counter()
-            await asyncio.to_thread(classifier.warmup, sorted({1, s.max_batch_size}))
+            if s.warmup:
+                await asyncio.to_thread(classifier.warmup, sorted({1, s.max_batch_size}))
             warm_s = time.perf_counter() - started
         except Exception as exc:
             log.exception("model failed to load")

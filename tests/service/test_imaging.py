@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from service.imaging import PreprocessSpec, decode_image, to_model_input
+
+GREY = PreprocessSpec(28, 28, 1)
+RGB = PreprocessSpec(32, 32, 3)
+
+
+def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def gradient(w: int = 40, h: int = 30) -> Image.Image:
+    x = np.linspace(0, 255, w, dtype=np.uint8)[None, :].repeat(h, 0)
+    return Image.fromarray(np.stack([x, x[::-1], np.full_like(x, 128)], -1))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+@pytest.mark.parametrize("spec", [GREY, RGB])
+def test_accepted_formats_decode_to_the_model_shape(fmt: str, spec: PreprocessSpec) -> None:
+    out = decode_image(encode(gradient(), fmt), spec)
+    assert out.shape == (spec.channels, spec.height, spec.width)
+    assert out.dtype == np.uint8
+
+
+def test_png_at_model_size_is_lossless(fmnist_test: object) -> None:
+    pixels = fmnist_test.images[3, 0].numpy()  # type: ignore[attr-defined]
+    out = decode_image(encode(Image.fromarray(pixels), "PNG"), GREY)
+    assert np.array_equal(out[0], pixels)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA", "RGBA", "CMYK", "I;16", "I", "F"])
+def test_every_mode_converts(mode: str) -> None:
+    base = gradient()
+    if mode == "I;16":
+        img = Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257)
+        assert img.mode == "I;16"
+        out = decode_image(encode(img, "PNG"), GREY)
+        ref = decode_image(encode(base.convert("L"), "PNG"), GREY)
+        assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1  # 16-bit scaled, not clipped
+        return
+    img = base.convert(mode)
+    fmt = "TIFF" if mode in ("CMYK", "I", "F") else "PNG"
+    if mode == "PA":
+        fmt = "PNG"
+        img = base.convert("RGBA").convert("PA") if hasattr(Image, "PA") else base.convert("P")
+    out = decode_image(encode(img, fmt), RGB)
+    assert out.shape == (3, 32, 32)
+
+
+def test_transparent_pixels_become_black() -> None:
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[:5, :, 3] = 255  # top half opaque white, bottom half fully transparent white
+    out = decode_image(encode(Image.fromarray(rgba, "RGBA"), "PNG"), PreprocessSpec(10, 10, 1))
+    assert out[0, :5].min() == 255 and out[0, 5:].max() == 0
+
+
+def test_gif_uses_the_first_frame() -> None:
+    frames = [Image.new("L", (8, 8), v) for v in (200, 10)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    out = decode_image(buf.getvalue(), PreprocessSpec(8, 8, 1))
+    assert abs(int(out.mean()) - 200) <= 2
+
+
+def test_exif_orientation_is_applied() -> None:
+    img = Image.new("L", (40, 20), 0)
+    img.paste(255, (0, 0, 20, 20))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    portrait = PreprocessSpec(height=40, width=20, channels=1)  # the oriented size: no resize
+    out = decode_image(encode(img, "JPEG", exif=exif, quality=95), portrait)
+    upright = decode_image(encode(img.rotate(-90, expand=True), "JPEG", quality=95), portrait)
+    # Displayed upright, the white half is on top.
+    assert out[0, :18].mean() > 200 and out[0, 22:].mean() < 50
+    assert np.abs(out.astype(int) - upright.astype(int)).mean() < 8
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    big = gradient(3000, 2000)
+    data = encode(big, "JPEG", quality=90)
+    decoded_sizes: list[tuple[int, int]] = []
+    real_load = Image.Image.load
+
+    def spy(self: Image.Image) -> object:
+        result = real_load(self)
+        decoded_sizes.append(self.size)
+        return result
+
+    monkeypatch.setattr(Image.Image, "load", spy)
+    out = decode_image(data, GREY)
+    assert out.shape == (1, 28, 28)
+    assert decoded_sizes and max(w for w, _ in decoded_sizes) <= 3000 // 8
+
+
+def test_not_an_image_is_400() -> None:
+    with pytest.raises(InvalidImage, match="not an image"):
+        decode_image(b"hello world, this is text", GREY)
+    with pytest.raises(InvalidImage, match="empty"):
+        decode_image(b"", GREY)
+
+
+def test_truncated_image_is_400() -> None:
+    data = encode(gradient(200, 200), "PNG")
+    with pytest.raises(InvalidImage, match="decode"):
+        decode_image(data[: len(data) // 2], GREY)
+    jpeg = encode(gradient(200, 200), "JPEG")
+    with pytest.raises(InvalidImage):
+        decode_image(jpeg[:300], GREY)
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "PPM", "TGA", "PCX"])
+def test_refused_formats_are_415(fmt: str) -> None:
+    with pytest.raises(UnsupportedMediaType, match=fmt if fmt != "PPM" else "PPM"):
+        decode_image(encode(gradient(32, 32).convert("RGB"), fmt), GREY)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height: a decompression-bomb shape."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [7000, 12_000, 60_000])
+def test_pixel_bombs_are_refused_from_the_header(side: int) -> None:
+    with pytest.raises(PayloadTooLarge):
+        decode_image(_png_claiming(side, side), GREY, max_pixels=40_000_000)
+
+
+def test_gif_bomb_is_refused() -> None:
+    data = bytearray(encode(Image.new("P", (4, 4)), "GIF"))
+    data[6:10] = struct.pack("<HH", 65535, 65535)  # logical screen size
+    with pytest.raises((PayloadTooLarge, InvalidImage)):
+        decode_image(bytes(data), GREY, max_pixels=40_000_000)
+
+
+def test_to_model_input_scales_to_unit_range() -> None:
+    x = to_model_input(np.array([[[[0, 255, 51]]]], np.uint8))
+    assert x.dtype == np.float32
+    assert x.tolist() == [[[[0.0, 1.0, np.float32(51) / np.float32(255)]]]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(min_size=0, max_size=512))
+def test_arbitrary_bytes_never_escape_as_other_errors(data: bytes) -> None:
+    try:
+        decode_image(data, GREY, max_pixels=1_000_000)
+    except (InvalidImage, UnsupportedMediaType, PayloadTooLarge):
+        pass
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 200), st.integers(1, 40))
+def test_corrupted_png_never_escapes(cut: int, flip: int) -> None:
+    data = bytearray(encode(gradient(30, 30), "PNG"))
+    for i in range(cut % len(data), len(data), flip + 7):
+        data[i] ^= 0x5A
+    try:
+        out = decode_image(bytes(data), GREY, max_pixels=1_000_000)
+        assert out.shape == (1, 28, 28)
+    except (InvalidImage, UnsupportedMediaType, PayloadTooLarge):
+        pass

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.cli import main
+
+
+@pytest.mark.parametrize("sub", ["train", "evaluate", "export", "write-folder"])
+def test_every_subcommand_has_help(sub: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([sub, "--help"])
+    assert exc.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_folder_user_story(tmp_path: Path) -> None:
+    """write-folder, train on the folder, evaluate and export, as the README tells it."""
+    data = tmp_path / "data"
+    run = [sys.executable, "-m", "training"]
+    subprocess.run([*run, "write-folder", "--out", str(data), "--classes", "Trouser,Bag,Sandal",
+                    "--per-class", "60"], check=True, capture_output=True)
+    out = subprocess.run([*run, "train", "--data", str(data), "--epochs", "2", "--batch-size",
+                          "32", "--out", str(tmp_path / "run")], check=True, capture_output=True,
+                         text=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["epochs_run"] == 2
+    subprocess.run([*run, "evaluate", str(tmp_path / "run")], check=True, capture_output=True)
+    out = subprocess.run([*run, "export", str(tmp_path / "run"), "--out",
+                          str(tmp_path / "m.onnx")], check=True, capture_output=True, text=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["max_abs_diff_vs_torch"] <= 1e-5
+
+
+def test_bad_data_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
