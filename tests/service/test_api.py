@@ -171,7 +171,7 @@ def test_batching_happens_under_concurrency(make_client: Any, sample_png: bytes)
     c: TestClient = make_client(factory(held, delay=0.02), max_wait_ms=20)
     responses = _concurrent(c, 16, sample_png)
     assert all(r.status_code == 200 for r in responses)
-    model_calls = [n for n in held[0].calls[2:]]  # skip the warm-up calls (sizes 1 and 32)
+    model_calls = list(held[0].calls[2:])  # skip the warm-up calls (sizes 1 and 32)
     assert sum(model_calls) == 16 and len(model_calls) < 16
     text = c.get("/metrics").text
     assert "imgserve_batch_size_images_count" in text

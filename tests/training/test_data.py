@@ -43,7 +43,7 @@ def test_read_idx_rejects_garbage(tmp_path: Path) -> None:
 def test_write_folder_round_trips_pixels(fmnist_test: ImageSet, tmp_path: Path) -> None:
     n = write_image_folder(fmnist_test, tmp_path, ["Sneaker", "Bag"], per_class=5)
     assert n == 10
-    files, classes = scan_folder(tmp_path)
+    _, classes = scan_folder(tmp_path)
     assert classes == ("Bag", "Sneaker")  # sorted by name, like flow_from_directory
     loaded, spec = load_folder(tmp_path)
     assert (spec.height, spec.width, spec.channels) == (28, 28, 1)
