@@ -102,8 +102,11 @@ def batch_stats(port: int) -> tuple[float, float]:
 
 
 def parse_ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if match is None:
+        return float("nan")
+    value, unit = match.groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
 
 def run_wrk(port: int, image: Path, concurrency: int, duration: float, threads: int) -> tuple[
@@ -114,10 +117,12 @@ def run_wrk(port: int, image: Path, concurrency: int, duration: float, threads: 
     cmd = ["wrk", "-t", str(min(threads, concurrency)), "-c", str(concurrency), "-d",
            f"{duration:g}s", "--latency", "-s", fh.name, f"http://127.0.0.1:{port}/v1/classify"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    if "Requests/sec" not in out:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
     os.unlink(fh.name)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = parse_ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = parse_ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p50 = parse_ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = parse_ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(bad.group(1)) if bad else 0) + (sum(map(int, sock.groups())) if sock else 0)

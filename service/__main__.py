@@ -6,30 +6,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from types import FrameType
 
-import uvicorn
 from pydantic import ValidationError
 
-from service.app import create_app
 from service.config import Settings
 from service.logs import configure
-from service.runtime import Runtime
+from service.supervisor import serve
 
 log = logging.getLogger("service")
-
-
-class DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT, readiness turns 503 and new requests are refused at once; uvicorn then
-    stops accepting connections and waits (up to the grace period) for accepted requests."""
-
-    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
-        super().__init__(config)
-        self.runtime = runtime
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.runtime.begin_shutdown()
-        super().handle_exit(sig, frame)
 
 
 def _settings_help() -> str:
@@ -47,9 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (default 8000)")
     parser.add_argument("--model", type=Path, help="ONNX model file (default: the shipped model)")
+    parser.add_argument("--workers", type=int,
+                        help="server processes (default: one per CPU core on CPU, 1 on CUDA)")
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port,
-                                   "model_path": args.model}.items() if v is not None}
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model_path": args.model,
+                                   "workers": args.workers}.items() if v is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -60,15 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("model file %s not found (set --model or IMGSERVE_MODEL_PATH)",
                   settings.model_path)
         return 2
-    runtime = Runtime(settings)
-    app = create_app(settings, runtime=runtime)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, access_log=False, log_config=None,
-        timeout_graceful_shutdown=int(settings.graceful_timeout_s), lifespan="on",
-        server_header=False, timeout_keep_alive=5,
-    )
-    DrainingServer(config, runtime).run()
-    return 0
+    return serve(settings)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 Each submitted array becomes one or more queue items (at most ``max_batch_size`` images each)
 with a Future. A batch is released when it holds ``max_batch_size`` images or its oldest image
-has waited ``max_wait_s``. The model runs in a worker thread (ONNX Runtime releases the GIL), so
+has waited ``max_wait_s``, or at once when no more images are on their way: callers announce
+images they are still preparing (decoding, parsing) with :meth:`Batcher.expect`, and a lone
+request on an idle server does not wait for company that is not coming. The model runs in a
+worker thread (ONNX Runtime releases the GIL), so
 the event loop keeps accepting and decoding while a batch computes; with ``workers`` > 1 several
 batches may compute at once. A batch that raises fails only its own requests. The queue is
 bounded in images: a submit that does not fit is refused at once with :class:`Overloaded`.
@@ -76,6 +79,7 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self._queued_images = 0
         self._in_flight = 0
+        self._expected = 0
         self._wakeup = asyncio.Event()
         self._collect_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
@@ -121,6 +125,15 @@ class Batcher:
             self._executor = None
 
     # --- submitting ----------------------------------------------------------------------------
+    def expect(self, n: int) -> None:
+        """Announce ``n`` images that will be submitted soon (they are being decoded)."""
+        self._expected += n
+
+    def expected_done(self, n: int) -> None:
+        """Those ``n`` images were submitted, or will not be."""
+        self._expected = max(0, self._expected - n)
+        self._wakeup.set()
+
     async def submit(self, x: np.ndarray, timeout_s: float) -> tuple[np.ndarray, int]:
         """Classify an N×C×H×W batch; returns its N rows and the largest batch it rode in.
 
@@ -175,7 +188,7 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             release_at = self._queue[0].enqueued + self.max_wait_s
-            while self._queued_images < self.max_batch_size:
+            while self._queued_images < self.max_batch_size and self._expected > 0:
                 remaining = release_at - loop.time()
                 if remaining <= 0:
                     break

@@ -27,6 +27,14 @@ class Settings(BaseSettings):
     log_json: bool = Field(False, description="one JSON object per log line")
     log_level: str = Field("info", description="debug, info, warning or error")
     access_log: bool = Field(True, description="one structured line per request")
+    workers: int = Field(
+        0, ge=0, le=64, description="server processes, each with its own model session and "
+        "batcher; 0 = one per usable CPU core (at most 8) on CPU, 1 when CUDA is used"
+    )
+    metrics_dir: Path | None = Field(
+        None, description="directory for multi-process Prometheus metrics (workers > 1); "
+        "a temporary one when unset"
+    )
     graceful_timeout_s: float = Field(
         30.0, gt=0, description="on SIGTERM, how long accepted requests may take to finish"
     )

@@ -72,6 +72,13 @@ class InferenceFailed(ServiceError):
     type = "inference_failed"
 
 
+class ClientClosedRequest(ServiceError):
+    """The client went away before its request body arrived; nobody is left to answer."""
+
+    status_code = 499
+    type = "client_closed_request"
+
+
 class ModelNotFound(ServiceError):
     status_code = 404
     type = "model_not_found"

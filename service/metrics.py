@@ -1,16 +1,26 @@
-"""All Prometheus metrics, declared once on a registry the app owns (no global registry)."""
+"""All Prometheus metrics, declared once on a registry the app owns (no global registry).
+
+With several worker processes, prometheus-client's multi-process mode keeps each worker's values
+in files under ``metrics_dir``; :meth:`Metrics.exposition` then reports the sum over workers
+(gauges as their ``multiprocess_mode`` says).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 multiprocess_dir: Path | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.multiprocess_dir = multiprocess_dir
         r = self.registry
         self.requests = Counter("imgserve_requests_total",
                                 "HTTP requests by route and status class",
@@ -29,7 +39,7 @@ class Metrics:
         self.batch_size = Histogram("imgserve_batch_size_images", "images per model call",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("imgserve_queue_depth_images", "images waiting for the model",
-                                 registry=r)
+                                 multiprocess_mode="livesum", registry=r)
         self.rejected = Counter("imgserve_rejected_requests_total",
                                 "requests refused before inference, by reason", ["reason"],
                                 registry=r)
@@ -38,10 +48,20 @@ class Metrics:
         self.batch_failures = Counter("imgserve_batch_failures_total",
                                       "model calls that raised", registry=r)
         self.model_info = Gauge("imgserve_model_info", "the loaded model (value is always 1)",
-                                ["name", "version", "provider"], registry=r)
-        self.ready = Gauge("imgserve_ready", "1 when the service is ready to serve", registry=r)
+                                ["name", "version", "provider"], multiprocess_mode="livemax",
+                                registry=r)
+        self.ready = Gauge("imgserve_ready", "1 when the service is ready to serve",
+                           multiprocess_mode="livemin", registry=r)
         self.gpu_memory_used = Gauge("imgserve_gpu_memory_used_bytes", "GPU memory in use (NVML)",
-                                     ["device"], registry=r)
+                                     ["device"], multiprocess_mode="livemax", registry=r)
         self.gpu_utilization = Gauge("imgserve_gpu_utilization_ratio",
                                      "GPU busy fraction over the last sample period (NVML)",
-                                     ["device"], registry=r)
+                                     ["device"], multiprocess_mode="livemax", registry=r)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format: this process's registry, or the sum over workers."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=str(self.multiprocess_dir))
+        return generate_latest(merged)

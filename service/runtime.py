@@ -35,7 +35,7 @@ class Runtime:
     def __init__(self, settings: Settings, factory: ClassifierFactory = load_onnx,
                  metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(multiprocess_dir=settings.metrics_dir)
         self._factory = factory
         self.classifier: Classifier | None = None
         self.batcher: Batcher | None = None
@@ -133,12 +133,19 @@ class Runtime:
 
     async def decode(self, images: Sequence[bytes]) -> list[np.ndarray | ServiceError]:
         """Decode each image in the decode pool; failures come back in place, not raised."""
-        self.require_ready()
+        _, batcher = self.require_ready()
         loop = asyncio.get_running_loop()
-        if len(images) == 1:  # the common case: one hop to the pool, no gather
-            return [await loop.run_in_executor(self._decode_pool, self._decode_one, images[0])]
-        return list(await asyncio.gather(
-            *(loop.run_in_executor(self._decode_pool, self._decode_one, d) for d in images)))
+        # Announced to the batcher, so a batch forming meanwhile waits for these images; the
+        # caller submits them right after, with no await in between.
+        batcher.expect(len(images))
+        try:
+            if len(images) == 1:  # the common case: one hop to the pool, no gather
+                return [await loop.run_in_executor(self._decode_pool, self._decode_one,
+                                                   images[0])]
+            return list(await asyncio.gather(
+                *(loop.run_in_executor(self._decode_pool, self._decode_one, d) for d in images)))
+        finally:
+            batcher.expected_done(len(images))
 
     async def infer(self, pixels: np.ndarray) -> tuple[np.ndarray, int]:
         """Probabilities for an N×C×H×W float32 batch through the shared batcher."""

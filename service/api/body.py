@@ -8,8 +8,14 @@ from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
-from service.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from service.errors import (
+    ClientClosedRequest,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 
 RAW_TYPES = ("image/", "application/octet-stream")
 
@@ -31,11 +37,14 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise InvalidRequest("malformed Content-Length header") from None
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientClosedRequest("the client disconnected before sending the whole body") from None
     return b"".join(chunks)
 
 

@@ -82,6 +82,70 @@ def test_batch_released_on_size_before_the_wait() -> None:
     assert model.calls == [8]
 
 
+def test_announced_images_hold_the_batch_until_they_arrive() -> None:
+    model = CountingModel()
+
+    async def main() -> list[int]:
+        b = make(model, max_wait_s=1.0)
+        await b.start()
+        b.expect(1)  # one image is still being decoded
+
+        async def late() -> tuple[np.ndarray, int]:
+            await asyncio.sleep(0.05)
+            b.expected_done(1)
+            return await b.submit(images(1), 5)
+
+        out = await asyncio.gather(b.submit(images(1), 5), late())
+        await b.stop()
+        return [batch for _, batch in out]
+
+    assert run(main) == [2, 2]  # both rode in one batch
+    assert model.calls == [2]
+
+
+def test_the_window_closes_at_max_wait_even_when_more_is_announced() -> None:
+    model = CountingModel()
+
+    async def main() -> float:
+        b = make(model, max_wait_s=0.05)
+        await b.start()
+        b.expect(1)  # announced but never submitted within the window
+        start = time.perf_counter()
+        await b.submit(images(1), 5)
+        took = time.perf_counter() - start
+        b.expected_done(1)
+        await b.stop()
+        return took
+
+    assert 0.04 <= run(main) < 0.5
+    assert model.calls == [1]
+
+
+def test_a_lone_request_does_not_wait_for_company() -> None:
+    model = CountingModel()
+
+    async def main() -> tuple[float, float]:
+        b = make(model, max_wait_s=2.0)
+        await b.start()
+        start = time.perf_counter()
+        await b.submit(images(1), 5)  # nothing announced: released at once
+        lone = time.perf_counter() - start
+        b.expect(1)
+        task = asyncio.create_task(b.submit(images(1), 5))
+        await asyncio.sleep(0.05)
+        b.expected_done(1)  # the announced image failed to decode: stop waiting for it
+        start = time.perf_counter()
+        await task
+        released = time.perf_counter() - start
+        await b.stop()
+        return lone, released
+
+    lone, released = run(main)
+    assert lone < 0.5
+    assert released < 0.5
+    assert model.calls == [1, 1]
+
+
 def test_images_not_requests_fill_the_batch() -> None:
     model = CountingModel()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.deps import RuntimeDep
 from service.api.schemas import HealthResponse
@@ -29,5 +29,5 @@ async def ready(runtime: RuntimeDep) -> JSONResponse:
 @router.get("/metrics", tags=["metrics"], summary="Prometheus metrics",
             response_class=Response)
 async def metrics(runtime: RuntimeDep) -> Response:
-    return Response(generate_latest(runtime.metrics.registry),
+    return Response(runtime.metrics.exposition(),
                     headers={"Content-Type": CONTENT_TYPE_LATEST})

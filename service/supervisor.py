@@ -1,0 +1,206 @@
+"""Running the server: one process, or several worker processes on one listening socket.
+
+One Python process tops out at about one core of HTTP parsing, JSON and decoding (the GIL),
+while ONNX Runtime and Pillow release it. On CPU the default is therefore one worker process per
+usable core, each with its own model session and batcher; with CUDA it is one process, whose
+large batches keep the GPU busy without a CUDA context per process.
+
+The parent binds the socket, spawns the workers, restarts one that dies, and on SIGTERM or
+SIGINT passes SIGTERM on: every worker turns unready at once, refuses new requests, answers the
+ones it accepted, and exits; the parent waits for them up to the grace period. With several
+workers, Prometheus metrics go through prometheus-client's multi-process mode so that
+``/metrics`` on any worker reports the sum over all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from multiprocessing.context import SpawnProcess
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+import uvicorn
+
+from service.config import Settings
+
+if TYPE_CHECKING:
+    from service.runtime import Runtime
+
+log = logging.getLogger("service")
+
+MAX_AUTO_WORKERS = 8
+CRASH_LOOP_S = 10.0  # a worker that dies this soon after starting, twice in a row, stops us
+
+
+def usable_cpus() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+def resolve_workers(settings: Settings) -> int:
+    """The number of worker processes: the setting, or for 0 one per core on CPU, 1 on CUDA."""
+    if settings.workers:
+        return settings.workers
+    if settings.provider != "cpu":
+        from service.model import cuda_usable
+
+        if cuda_usable()[0]:
+            return 1
+    return min(usable_cpus(), MAX_AUTO_WORKERS)
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT, readiness turns 503 and new requests are refused at once; uvicorn then
+    stops accepting connections and waits (up to the grace period) for accepted requests."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.runtime.begin_shutdown()
+        super().handle_exit(sig, frame)
+
+
+def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=settings.host, port=settings.port, access_log=False, log_config=None,
+        timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s), lifespan="on",
+        server_header=False, timeout_keep_alive=5,
+    )
+
+
+def serve_here(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
+    """Run one server in this process (a worker, or the whole service when workers is 1)."""
+    from service.app import create_app
+    from service.runtime import Runtime
+
+    runtime = Runtime(settings)
+    app = create_app(settings, runtime=runtime)
+    DrainingServer(uvicorn_config(app, settings), runtime).run(sockets=sockets)
+
+
+def _worker_main(settings: Settings, sock: socket.socket, index: int) -> None:
+    from service.logs import configure
+
+    configure(settings.log_level, settings.log_json)
+    logging.getLogger("service").debug("worker %d (pid %d) starting", index, os.getpid())
+    serve_here(settings, [sock])
+
+
+class Supervisor:
+    """Spawns ``n`` workers on one socket, keeps them running, and drains them on a signal."""
+
+    def __init__(self, settings: Settings, n: int) -> None:
+        self.settings = settings
+        self.n = n
+        self._stop = threading.Event()
+        self._ctx = multiprocessing.get_context("spawn")
+        self._procs: list[tuple[SpawnProcess, float]] = []
+
+    def _spawn(self, sock: socket.socket, index: int) -> tuple[SpawnProcess, float]:
+        proc = self._ctx.Process(target=_worker_main, args=(self.settings, sock, index),
+                                 name=f"imgserve-worker-{index}", daemon=False)
+        proc.start()
+        return proc, time.monotonic()
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        if not self._stop.is_set():
+            log.info("received %s: draining %d workers", signal.Signals(sig).name, self.n)
+        self._stop.set()
+
+    def run(self) -> int:
+        config = uvicorn_config(None, self.settings)
+        sock = config.bind_socket()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        log.info("serving on http://%s:%d with %d worker processes", self.settings.host,
+                 sock.getsockname()[1], self.n)
+        status = 0
+        quick_deaths = 0
+        try:
+            self._procs = [self._spawn(sock, i) for i in range(self.n)]
+            while not self._stop.wait(0.5):
+                for i, (proc, started) in enumerate(self._procs):
+                    if proc.is_alive():
+                        continue
+                    self._forget(proc)
+                    lived = time.monotonic() - started
+                    quick_deaths = quick_deaths + 1 if lived < CRASH_LOOP_S else 0
+                    if quick_deaths >= 2:
+                        log.error("worker %d exited with code %s %.1f s after starting, again: "
+                                  "stopping", i, proc.exitcode, lived)
+                        status = 1
+                        self._stop.set()
+                        break
+                    log.warning("worker %d (pid %s) exited with code %s; starting a new one",
+                                i, proc.pid, proc.exitcode)
+                    self._procs[i] = self._spawn(sock, i)
+        finally:
+            self._drain()
+            sock.close()
+        return status
+
+    def _drain(self) -> None:
+        for proc, _ in self._procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.graceful_timeout_s + 5
+        for proc, _ in self._procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.error("worker pid %s did not finish within the grace period: killing it",
+                          proc.pid)
+                proc.kill()
+                proc.join()
+            self._forget(proc)
+
+    def _forget(self, proc: SpawnProcess) -> None:
+        if self.settings.metrics_dir is not None and proc.pid is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(proc.pid, str(self.settings.metrics_dir))
+
+
+def serve(settings: Settings) -> int:
+    """Serve until a signal: in this process for one worker, under a supervisor for several."""
+    n = resolve_workers(settings)
+    if n == 1:
+        log.info("serving on http://%s:%d with 1 process", settings.host, settings.port)
+        serve_here(settings)
+        return 0
+    own_dir = settings.metrics_dir is None
+    metrics_dir = Path(tempfile.mkdtemp(prefix="imgserve-metrics-")) if own_dir else None
+    if metrics_dir is not None:
+        settings = settings.model_copy(update={"metrics_dir": metrics_dir})
+    assert settings.metrics_dir is not None
+    settings.metrics_dir.mkdir(parents=True, exist_ok=True)
+    for stale in settings.metrics_dir.glob("*.db"):
+        stale.unlink()
+    # prometheus-client picks its multi-process value store from the environment at import;
+    # spawned workers inherit it.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(settings.metrics_dir)
+    try:
+        return Supervisor(settings, n).run()
+    finally:
+        if own_dir:
+            shutil.rmtree(settings.metrics_dir, ignore_errors=True)
