@@ -22,15 +22,19 @@ POST an image to `/v1/classify` and get labels with scores back. The Open Infere
 
 
 def create_app(settings: Settings | None = None, factory: ClassifierFactory = load_onnx,
-               runtime: Runtime | None = None) -> FastAPI:
-    """Build the app; the lifespan loads and warms the model in the background and starts the
-    batcher, and on exit drains it."""
+               runtime: Runtime | None = None, load_before_serving: bool = False) -> FastAPI:
+    """Build the app; the lifespan loads and warms the model and starts the batcher, and on exit
+    drains it. The load runs in the background, so liveness answers meanwhile, unless
+    ``load_before_serving``: then the server listens only once the model is ready (a worker
+    process sharing a socket with ready ones must not take connections before it is)."""
     settings = settings or Settings()
     runtime = runtime or Runtime(settings, factory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime.start()
+        if load_before_serving:
+            await runtime.wait_loaded()
         try:
             yield
         finally:

@@ -95,7 +95,7 @@ def serve_here(settings: Settings, sockets: list[socket.socket] | None = None) -
     from service.runtime import Runtime
 
     runtime = Runtime(settings)
-    app = create_app(settings, runtime=runtime)
+    app = create_app(settings, runtime=runtime, load_before_serving=sockets is not None)
     DrainingServer(uvicorn_config(app, settings), runtime).run(sockets=sockets)
 
 
@@ -156,8 +156,8 @@ class Supervisor:
                                 i, proc.pid, proc.exitcode)
                     self._procs[i] = self._spawn(sock, i)
         finally:
+            sock.close()  # new connections are refused, not queued, once the workers close too
             self._drain()
-            sock.close()
         return status
 
     def _drain(self) -> None:

@@ -4,6 +4,7 @@ session, and the real app over HTTP."""
 from __future__ import annotations
 
 import io
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +52,12 @@ def tiny_onnx(tiny_run: Path) -> Path:
 def shipped_model() -> Path:
     assert DEFAULT_MODEL.is_file(), f"the shipped model {DEFAULT_MODEL} is missing"
     return DEFAULT_MODEL
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

@@ -1,0 +1,179 @@
+"""The real server process: command line, worker processes, and draining on SIGTERM."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, png_bytes
+from training.data import ImageSet
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def post(port: int, body: bytes, content_type: str, timeout: float = 30) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/classify", body, {"Content-Type": content_type,
+                                                    "Connection": "close"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def get(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the server exited before becoming ready"
+        try:
+            if get(port, "/health/ready")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the server did not become ready")
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest, shipped_model: Path,
+           tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    workers, env_extra = request.param
+    port = free_port()
+    env = {**os.environ, "IMGSERVE_ACCESS_LOG": "false", **env_extra}
+    log = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", str(port), "--model", str(shipped_model),
+         "--workers", str(workers)],
+        cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=log)
+    try:
+        wait_ready(port, proc)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        log.close()
+        print((tmp_path / "server.log").read_text()[-4000:])  # shown when a test fails
+
+
+def test_help_lists_every_setting() -> None:
+    out = subprocess.run([sys.executable, "-m", "service", "--help"], capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout
+    for flag in ("--host", "--port", "--model", "--workers"):
+        assert flag in out
+    for name in ("IMGSERVE_MAX_BATCH_SIZE", "IMGSERVE_MAX_WAIT_MS", "IMGSERVE_PROVIDER",
+                 "IMGSERVE_MAX_BODY_BYTES", "IMGSERVE_GRACEFUL_TIMEOUT_S", "IMGSERVE_WORKERS"):
+        assert name in out
+
+
+def test_a_missing_model_file_is_a_clear_error(tmp_path: Path) -> None:
+    res = subprocess.run([sys.executable, "-m", "service", "--model", str(tmp_path / "no.onnx")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 2
+    assert "not found" in res.stderr
+
+
+@pytest.mark.parametrize("server", [(2, {})], indirect=True)
+def test_worker_processes_share_the_port_and_sum_their_metrics(
+        server: tuple[subprocess.Popen[bytes], int], sample_png: bytes) -> None:
+    _, port = server
+    for _ in range(20):
+        status, body = post(port, sample_png, "image/png")
+        assert status == 200, body
+    _, text = get(port, "/metrics")
+    series = 'imgserve_requests_total{route="/v1/classify",status_class="2xx"}'
+    line = next(ln for ln in text.decode().splitlines() if ln.startswith(series))
+    # however the kernel spread the 20 connections, the metrics count all of them
+    assert float(line.split()[-1]) == 20.0
+
+
+# A slow-ish request (many images) keeps plenty of work in flight when the signal arrives.
+@pytest.mark.parametrize("server", [(1, {}), (2, {})], indirect=True, ids=["1-worker", "2-workers"])
+def test_sigterm_drains_every_accepted_request(
+        server: tuple[subprocess.Popen[bytes], int], fmnist_test: ImageSet) -> None:
+    proc, port = server
+    boundary = "drainboundary"
+    parts = []
+    for i in range(48):
+        parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+                     f"filename=\"{i}.png\"\r\nContent-Type: image/png\r\n\r\n".encode()
+                     + png_bytes(fmnist_test.images[i, 0].numpy()) + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    ctype = f"multipart/form-data; boundary={boundary}"
+
+    signalled_at: list[float] = []
+    lock = threading.Lock()
+    outcomes: list[tuple[float, tuple[int, bytes] | OSError]] = []
+
+    def client() -> None:
+        while True:
+            sent = time.monotonic()
+            try:
+                outcome: tuple[int, bytes] | OSError = post(port, body, ctype)
+            except OSError as exc:
+                outcome = exc
+            with lock:
+                outcomes.append((sent, outcome))
+            if signalled_at and (isinstance(outcome, OSError) or proc.poll() is not None):
+                return  # the listener is gone
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    signalled_at.append(time.monotonic())
+    proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    # uvicorn re-raises the signal after a clean shutdown; the supervisor exits 0
+    assert proc.wait(40) in (0, -signal.SIGTERM)
+    # Requests sent well before the signal were accepted: every one must be answered in full.
+    # (One sent in the last instant may still sit in the kernel's accept queue when the
+    # listener closes; in a cluster the preStop pause keeps traffic away before SIGTERM.)
+    cutoff = signalled_at[0] - 0.2
+    before = [o for sent, o in outcomes if sent < cutoff]
+    after = [o for sent, o in outcomes if sent >= signalled_at[0]]
+    assert len(before) > 12
+    for outcome in before:
+        assert not isinstance(outcome, OSError), outcome
+        status, payload = outcome
+        assert status == 200, payload
+        assert len(json.loads(payload)["results"]) == 48
+    for outcome in after:  # refused cleanly, or not connected at all: never a 5xx other than 503
+        if isinstance(outcome, tuple):
+            status, payload = outcome
+            assert status in (200, 503), payload
+            if status == 503:
+                assert json.loads(payload)["error"]["type"] in ("shutting_down",
+                                                                "model_not_ready")
+
+
+def test_worker_count_follows_the_cores_on_cpu(shipped_model: Path) -> None:
+    from service.config import Settings
+    from service.supervisor import MAX_AUTO_WORKERS, resolve_workers, usable_cpus
+
+    cpus = usable_cpus()
+    assert 1 <= cpus <= (os.cpu_count() or 1)
+    assert resolve_workers(Settings(provider="cpu")) == min(cpus, MAX_AUTO_WORKERS)
+    assert resolve_workers(Settings(provider="cpu", workers=3)) == 3
