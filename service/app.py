@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from service import __version__
 from service.api import handlers
 from service.api.middleware import RequestObserver
-from service.api.routes import classify, health, models
+from service.api.routes import classify, health, models, v2
 from service.config import Settings
 from service.runtime import ClassifierFactory, Runtime, load_onnx
 
@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None, factory: ClassifierFactory = lo
                   lifespan=lifespan)
     app.state.runtime = runtime
     handlers.install(app)
-    for module in (classify, models, health):
+    for module in (classify, models, health, v2):
         app.include_router(module.router)
     app.add_middleware(RequestObserver, runtime=runtime)
     return app

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -10,71 +9,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, png_bytes
+from tests.conftest import png_bytes
+from tests.service.servers import get, post
 from training.data import ImageSet
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def post(port: int, body: bytes, content_type: str, timeout: float = 30) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("POST", "/v1/classify", body, {"Content-Type": content_type,
-                                                    "Connection": "close"})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-def get(port: int, path: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the server exited before becoming ready"
-        try:
-            if get(port, "/health/ready")[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("the server did not become ready")
-
-
-@pytest.fixture
-def server(request: pytest.FixtureRequest, shipped_model: Path,
-           tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    workers, env_extra = request.param
-    port = free_port()
-    env = {**os.environ, "IMGSERVE_ACCESS_LOG": "false", **env_extra}
-    log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service", "--port", str(port), "--model", str(shipped_model),
-         "--workers", str(workers)],
-        cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=log)
-    try:
-        wait_ready(port, proc)
-        yield proc, port
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        log.close()
-        print((tmp_path / "server.log").read_text()[-4000:])  # shown when a test fails
 
 
 def test_help_lists_every_setting() -> None:

@@ -1,0 +1,243 @@
+"""The Open Inference Protocol (KServe V2) inference messages, without HTTP.
+
+Parses an infer request (JSON, or JSON followed by raw tensor bytes as in Triton's binary tensor
+data extension) into one input tensor, and encodes the response (JSON data, binary data, or
+Triton's classification strings). Errors are :class:`ProtocolError` with the status to return.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.errors import InvalidRequest
+from service.model import ModelMetadata
+
+FP32 = "FP32"
+BYTES = "BYTES"
+
+
+class ProtocolError(InvalidRequest):
+    """A request the protocol refuses (400): wrong name, shape, datatype or element count."""
+
+
+@dataclass
+class RequestedOutput:
+    binary: bool
+    classification: int = 0
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    input_name: str
+    datatype: str
+    shape: list[int]
+    tensor: np.ndarray | None = None  # FP32: N×C×H×W
+    images: list[bytes] = field(default_factory=list)  # BYTES: encoded images
+    output: RequestedOutput = field(default_factory=lambda: RequestedOutput(binary=False))
+
+    @property
+    def batch(self) -> int:
+        return self.shape[0]
+
+
+def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    params = obj.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError(f"{where}: 'parameters' must be an object")
+    return params
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+    """The JSON header and the binary tail (empty unless ``Inference-Header-Content-Length``)."""
+    if header_length is None:
+        head, tail = body, b""
+    else:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise ProtocolError("Inference-Header-Content-Length must be an integer") from None
+        if not 0 < n <= len(body):
+            raise ProtocolError(f"Inference-Header-Content-Length {n} does not fit a body of "
+                                f"{len(body)} bytes")
+        head, tail = body[:n], body[n:]
+    try:
+        request = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"the request header is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise ProtocolError("the request must be a JSON object")
+    return request, tail
+
+
+def _shape(value: Any) -> list[int]:
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                       for d in value)):
+        raise ProtocolError(f"'shape' must be a non-empty list of non-negative integers, "
+                            f"got {value!r}")
+    return list(value)
+
+
+def _bytes_elements(raw: bytes) -> list[bytes]:
+    """Triton's BYTES serialisation: each element a 4-byte little-endian length, then bytes."""
+    out, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise ProtocolError("binary BYTES data ends inside an element length")
+        (n,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + n > len(raw):
+            raise ProtocolError("binary BYTES data ends inside an element")
+        out.append(raw[offset : offset + n])
+        offset += n
+    return out
+
+
+def encode_bytes_elements(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def parse_infer(request: dict[str, Any], tail: bytes, meta: ModelMetadata,
+                max_images: int) -> InferRequest:
+    """Validate an infer request against the model and pull out its one input."""
+    inputs = request.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise ProtocolError(f"expected exactly one input, named {meta.input_name!r}")
+    spec = inputs[0]
+    name, datatype = spec.get("name"), spec.get("datatype")
+    if name != meta.input_name:
+        raise ProtocolError(f"unknown input {name!r}; this model's input is {meta.input_name!r}")
+    shape = _shape(spec.get("shape"))
+    params = _params(spec, f"input {name!r}")
+    binary_size = params.get("binary_data_size")
+    if binary_size is not None:
+        if not isinstance(binary_size, int) or binary_size != len(tail):
+            raise ProtocolError(f"input {name!r}: binary_data_size {binary_size!r} does not "
+                                f"match the {len(tail)} bytes after the header")
+        if "data" in spec:
+            raise ProtocolError(f"input {name!r} has both 'data' and binary_data_size")
+    elif tail:
+        raise ProtocolError("binary data follows the header but no input has binary_data_size")
+    elif "data" not in spec:
+        raise ProtocolError(f"input {name!r} has no 'data'")
+    req_id = request.get("id")
+    out = InferRequest(id=str(req_id) if req_id is not None else None, input_name=name,
+                       datatype=str(datatype), shape=shape)
+    if shape[0] < 1:
+        raise ProtocolError("the batch dimension must be at least 1")
+    if shape[0] > max_images:
+        raise ProtocolError(f"{shape[0]} images in one request; the limit is {max_images}")
+    if datatype == FP32:
+        out.tensor = _fp32(spec, shape, tail if binary_size is not None else None, meta)
+    elif datatype == BYTES:
+        out.images = _images(spec, shape, tail if binary_size is not None else None)
+    else:
+        raise ProtocolError(f"input {name!r}: datatype {datatype!r} is not supported; send "
+                            f"{FP32} pixels in [0, 1] shaped {list(meta.input_shape)} or "
+                            f"{BYTES} encoded images shaped [N]")
+    out.output = _requested_output(request, meta)
+    return out
+
+
+def _fp32(spec: dict[str, Any], shape: list[int], raw: bytes | None,
+          meta: ModelMetadata) -> np.ndarray:
+    want = list(meta.input_shape[1:])
+    if len(shape) != 4 or shape[1:] != want:
+        raise ProtocolError(f"FP32 input shape {shape} does not match the model's "
+                            f"[-1, {', '.join(map(str, want))}]")
+    count = math.prod(shape)
+    if raw is not None:
+        if len(raw) != count * 4:
+            raise ProtocolError(f"FP32 input shape {shape} needs {count * 4} bytes, got "
+                                f"{len(raw)}")
+        array = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    else:
+        try:
+            array = np.asarray(spec["data"], dtype=np.float32).reshape(-1)
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(f"FP32 'data' must be numbers, flat or nested: {exc}") from None
+        if array.size != count:
+            raise ProtocolError(f"FP32 input shape {shape} holds {count} elements, 'data' has "
+                                f"{array.size}")
+    if not np.isfinite(array).all():
+        raise ProtocolError("FP32 input holds NaN or infinite values")
+    return array.reshape(shape)
+
+
+def _images(spec: dict[str, Any], shape: list[int], raw: bytes | None) -> list[bytes]:
+    if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
+        raise ProtocolError(f"BYTES input shape must be [N] or [N, 1] (one image per element), "
+                            f"got {shape}")
+    if raw is not None:
+        items = _bytes_elements(raw)
+    else:
+        data = spec["data"]
+        flat = data if isinstance(data, list) else [data]
+        while flat and isinstance(flat[0], list):
+            flat = [x for row in flat for x in row]
+        try:
+            items = [base64.b64decode(x, validate=True) for x in flat]
+        except (binascii.Error, TypeError, ValueError):
+            raise ProtocolError("BYTES 'data' in JSON must be base64 strings, one encoded "
+                                "image each (or send binary data)") from None
+    if len(items) != shape[0]:
+        raise ProtocolError(f"BYTES input shape {shape} holds {shape[0]} elements, got "
+                            f"{len(items)}")
+    return items
+
+
+def _requested_output(request: dict[str, Any], meta: ModelMetadata) -> RequestedOutput:
+    binary_default = bool(_params(request, "request").get("binary_data_output", False))
+    outputs = request.get("outputs")
+    if outputs is None:
+        return RequestedOutput(binary=binary_default)
+    if not isinstance(outputs, list) or len(outputs) != 1 or not isinstance(outputs[0], dict):
+        raise ProtocolError(f"request at most the one output, {meta.output_name!r}")
+    spec = outputs[0]
+    if spec.get("name") != meta.output_name:
+        raise ProtocolError(f"unknown output {spec.get('name')!r}; this model's output is "
+                            f"{meta.output_name!r}")
+    params = _params(spec, f"output {meta.output_name!r}")
+    k = params.get("classification", 0)
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= meta.num_classes:
+        raise ProtocolError(f"classification must be an integer from 1 to {meta.num_classes}")
+    return RequestedOutput(binary=bool(params.get("binary_data", binary_default)),
+                           classification=k)
+
+
+def infer_response(req: InferRequest, probs: np.ndarray,
+                   meta: ModelMetadata) -> tuple[bytes, int | None]:
+    """The response body, and the JSON header's length when binary data follows it."""
+    n = probs.shape[0]
+    k = req.output.classification
+    if k:
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        strings = [f"{float(probs[i, j])!r}:{int(j)}:{meta.labels[j]}"
+                   for i in range(n) for j in order[i]]
+        output: dict[str, Any] = {"name": meta.output_name, "datatype": BYTES, "shape": [n, k]}
+        raw = encode_bytes_elements([s.encode() for s in strings])
+        values: list[Any] = strings
+    else:
+        output = {"name": meta.output_name, "datatype": FP32, "shape": [n, meta.num_classes]}
+        as_f32 = np.ascontiguousarray(probs, dtype="<f4")
+        raw = as_f32.tobytes()
+        values = as_f32.reshape(-1).tolist()
+    body: dict[str, Any] = {"model_name": meta.name, "model_version": meta.version,
+                            "outputs": [output]}
+    if req.id is not None:
+        body["id"] = req.id
+    if not req.output.binary:
+        output["data"] = values
+        return json.dumps(body).encode(), None
+    output["parameters"] = {"binary_data_size": len(raw)}
+    head = json.dumps(body).encode()
+    return head + raw, len(head)
