@@ -30,8 +30,9 @@ class RequestObserver:
         if self.runtime.shutting_down and not path.startswith(ALWAYS_OPEN):
             self.runtime.metrics.rejected.labels("shutting_down").inc()
             message = "the server is shutting down"
-            payload: dict[str, object] = ({"error": message} if path.startswith("/v2/")
-                                          else error_body("shutting_down", message))
+            payload: dict[str, object] = (
+                {"error": message} if path.startswith("/v2/")
+                else dict(error_body("shutting_down", message)))
             body = json.dumps(payload).encode()
             await send({"type": "http.response.start", "status": 503, "headers": [
                 (b"content-type", b"application/json"), (b"retry-after", b"1"),
