@@ -128,17 +128,38 @@ class Supervisor:
             log.info("received %s: draining %d workers", signal.Signals(sig).name, self.n)
         self._stop.set()
 
+    def _bind(self) -> list[socket.socket]:
+        """One listening socket per worker on the same port (SO_REUSEPORT): the kernel spreads
+        new connections evenly over them, where one shared socket lets whichever worker wakes
+        first take most of them. Falls back to one shared socket where SO_REUSEPORT is missing."""
+        s = self.settings
+        if not hasattr(socket, "SO_REUSEPORT"):
+            sock = uvicorn_config(None, s).bind_socket()
+            return [sock] * self.n
+        family = socket.AF_INET6 if ":" in s.host else socket.AF_INET
+        socks: list[socket.socket] = []
+        port = s.port
+        for _ in range(self.n):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((s.host, port))
+            port = sock.getsockname()[1]  # port 0: the others join the one picked first
+            sock.listen(2048)
+            sock.set_inheritable(True)
+            socks.append(sock)
+        return socks
+
     def run(self) -> int:
-        config = uvicorn_config(None, self.settings)
-        sock = config.bind_socket()
+        socks = self._bind()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         log.info("serving on http://%s:%d with %d worker processes", self.settings.host,
-                 sock.getsockname()[1], self.n)
+                 socks[0].getsockname()[1], self.n)
         status = 0
         quick_deaths = 0
         try:
-            self._procs = [self._spawn(sock, i) for i in range(self.n)]
+            self._procs = [self._spawn(socks[i], i) for i in range(self.n)]
             while not self._stop.wait(0.5):
                 for i, (proc, started) in enumerate(self._procs):
                     if proc.is_alive():
@@ -154,9 +175,10 @@ class Supervisor:
                         break
                     log.warning("worker %d (pid %s) exited with code %s; starting a new one",
                                 i, proc.pid, proc.exitcode)
-                    self._procs[i] = self._spawn(sock, i)
+                    self._procs[i] = self._spawn(socks[i], i)
         finally:
-            sock.close()  # new connections are refused, not queued, once the workers close too
+            for sock in socks:  # new connections are refused once the workers close theirs too
+                sock.close()
             self._drain()
         return status
 

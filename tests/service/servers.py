@@ -51,17 +51,16 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) ->
 
 
 @contextmanager
-def running_server(model: Path, cwd: Path, workers: int,
-                   env_extra: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """``python -m service`` on a free port, started from ``cwd``; its log is printed at the end
-    (pytest shows it when a test fails)."""
+def running_server_cmd(cmd: list[str], cwd: Path, env_extra: dict[str, str]
+                       ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """Run a server command on a free port (``IMGSERVE_PORT``) from ``cwd`` until ready; its log
+    is printed at the end (pytest shows it when a test fails)."""
     port = free_port()
-    env = {**os.environ, "IMGSERVE_ACCESS_LOG": "false", **env_extra, "PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update({"IMGSERVE_ACCESS_LOG": "false", "IMGSERVE_PORT": str(port), **env_extra})
     log_path = cwd / "server.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--port", str(port), "--model", str(model),
-             "--workers", str(workers)], cwd=cwd, env=env, stdout=log, stderr=log)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=log)
         try:
             wait_ready(port, proc)
             yield proc, port
@@ -70,3 +69,12 @@ def running_server(model: Path, cwd: Path, workers: int,
                 proc.kill()
             proc.wait(10)
     print(log_path.read_text()[-4000:])
+
+
+@contextmanager
+def running_server(model: Path, cwd: Path, workers: int,
+                   env_extra: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``python -m service`` from this checkout, serving ``model``."""
+    cmd = [sys.executable, "-m", "service", "--model", str(model), "--workers", str(workers)]
+    with running_server_cmd(cmd, cwd, {"PYTHONPATH": str(ROOT), **env_extra}) as running:
+        yield running
