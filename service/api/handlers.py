@@ -1,6 +1,7 @@
 """Domain exceptions to HTTP, in one place, with one JSON error shape everywhere:
-``{"error": {"type": ..., "message": ...}}``. Unexpected errors are 500 with a generic message;
-their traceback goes to the log only."""
+``{"error": {"type": ..., "message": ...}}``, except under ``/v2/``, where the Open Inference
+Protocol's own shape ``{"error": "..."}`` is used. Unexpected errors are 500 with a generic
+message; their traceback goes to the log only."""
 
 from __future__ import annotations
 
@@ -20,16 +21,24 @@ def error_body(type_: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"type": type_, "message": message}}
 
 
-def error_response(exc: ServiceError) -> JSONResponse:
+def error_payload(path: str, type_: str, message: str) -> dict[str, object]:
+    """The error shape of the protocol that ``path`` belongs to."""
+    if path.startswith("/v2/"):
+        return {"error": message}
+    return dict(error_body(type_, message))
+
+
+def error_response(exc: ServiceError, path: str = "") -> JSONResponse:
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
     if exc.status_code == 503 and headers is None:
         headers = {"Retry-After": "1"}
-    return JSONResponse(error_body(exc.type, exc.message), exc.status_code, headers=headers)
+    return JSONResponse(error_payload(path, exc.type, exc.message), exc.status_code,
+                        headers=headers)
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return error_response(exc)
+    return error_response(exc, request.url.path)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -44,7 +53,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(error_body(kind, str(exc.detail)), exc.status_code,
+    return JSONResponse(error_payload(request.url.path, kind, str(exc.detail)), exc.status_code,
                         headers=getattr(exc, "headers", None))
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.handlers import error_body
+from service.api.handlers import error_payload
 from service.runtime import Runtime
 
 access_log = logging.getLogger("service.access")
@@ -29,11 +29,8 @@ class RequestObserver:
         path: str = scope["path"]
         if self.runtime.shutting_down and not path.startswith(ALWAYS_OPEN):
             self.runtime.metrics.rejected.labels("shutting_down").inc()
-            message = "the server is shutting down"
-            payload: dict[str, object] = (
-                {"error": message} if path.startswith("/v2/")
-                else dict(error_body("shutting_down", message)))
-            body = json.dumps(payload).encode()
+            body = json.dumps(error_payload(path, "shutting_down",
+                                            "the server is shutting down")).encode()
             await send({"type": "http.response.start", "status": 503, "headers": [
                 (b"content-type", b"application/json"), (b"retry-after", b"1"),
                 (b"connection", b"close"), (b"content-length", str(len(body)).encode())]})

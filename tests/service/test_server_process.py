@@ -112,7 +112,7 @@ def test_sigterm_drains_every_accepted_request(
                                                                 "model_not_ready")
 
 
-def test_worker_count_follows_the_cores_on_cpu(shipped_model: Path) -> None:
+def test_worker_count_follows_the_cores_on_cpu() -> None:
     from service.config import Settings
     from service.supervisor import MAX_AUTO_WORKERS, resolve_workers, usable_cpus
 

@@ -258,3 +258,10 @@ def test_v2_readiness_follows_the_runtime(make_client: object) -> None:
     wait_ready(c)
     assert c.get("/v2/health/ready").json() == {"ready": True}
     assert c.get("/v2/models/tiny_cnn/ready").status_code == 200
+
+
+def test_unknown_v2_path_uses_the_protocol_error_shape(client: TestClient) -> None:
+    resp = client.get("/v2/no/such/path")
+    assert resp.status_code == 404
+    assert isinstance(resp.json()["error"], str)
+    assert isinstance(client.get("/v1/nothing").json()["error"], dict)

@@ -1,5 +1,6 @@
 """The Open Inference Protocol (KServe V2 REST) beside /v1, on the same model, batcher, limits
-and metrics. Errors here use the protocol's own shape: ``{"error": "..."}``."""
+and metrics. Errors raised here get the protocol's own shape, ``{"error": "..."}``, from
+``service.api.handlers``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from service import __version__
 from service.api.body import read_body
 from service.api.deps import RuntimeDep
-from service.errors import ModelNotFound, Overloaded, ServiceError, UnsupportedMediaType
+from service.errors import ModelNotFound, ServiceError, UnsupportedMediaType
 from service.model import ModelMetadata
 from service.protocol_v2 import FP32, infer_response, parse_infer, split_body
 from service.runtime import Runtime
@@ -24,14 +25,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"description": "unknown model or version"},
     503: {"description": "not ready, queue full (with Retry-After) or shutting down"},
 }
-
-
-def v2_error(exc: ServiceError) -> JSONResponse:
-    headers = None
-    if exc.status_code == 503:
-        retry = exc.retry_after if isinstance(exc, Overloaded) else 1
-        headers = {"Retry-After": str(retry)}
-    return JSONResponse({"error": exc.message}, exc.status_code, headers=headers)
 
 
 def _model(runtime: Runtime, name: str, version: str | None) -> ModelMetadata:
@@ -61,10 +54,7 @@ async def server_ready(runtime: RuntimeDep) -> JSONResponse:
 
 
 async def _metadata(runtime: Runtime, name: str, version: str | None) -> JSONResponse:
-    try:
-        meta = _model(runtime, name, version)
-    except ServiceError as exc:
-        return v2_error(exc)
+    meta = _model(runtime, name, version)
     return JSONResponse({
         "name": meta.name,
         "versions": [meta.version],
@@ -87,10 +77,7 @@ async def model_version_metadata(name: str, version: str, runtime: RuntimeDep) -
 
 
 async def _ready(runtime: Runtime, name: str, version: str | None) -> JSONResponse:
-    try:
-        meta = _model(runtime, name, version)
-    except ServiceError as exc:
-        return v2_error(exc)
+    meta = _model(runtime, name, version)
     return JSONResponse({"name": meta.name, "ready": True})
 
 
@@ -107,30 +94,27 @@ async def model_version_ready(name: str, version: str, runtime: RuntimeDep) -> J
 
 async def _infer(request: Request, runtime: Runtime, name: str,
                  version: str | None) -> Response:
-    try:
-        meta = _model(runtime, name, version)
-        encoding = request.headers.get("content-encoding", "identity").lower()
-        if encoding != "identity":
-            raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported")
-        s = runtime.settings
-        body = await read_body(request, s.max_body_bytes)
-        head, tail = split_body(body, request.headers.get("inference-header-content-length"))
-        req = parse_infer(head, tail, meta, s.max_images_per_request)
-        if req.tensor is not None:
-            probs, batch_size = await runtime.infer(req.tensor)
-        else:
-            decoded = await runtime.decode(req.images)
-            for i, item in enumerate(decoded):
-                if isinstance(item, ServiceError):
-                    item.message = f"image {i}: {item.message}"
-                    raise item
-            good = [d for d in decoded if isinstance(d, np.ndarray)]
-            probs, batch_size = await runtime.classify_pixels(good)
-        request.state.images = req.batch
-        request.state.batch_size = batch_size
-        content, header_length = infer_response(req, probs, meta)
-    except ServiceError as exc:
-        return v2_error(exc)
+    meta = _model(runtime, name, version)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding != "identity":
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported")
+    s = runtime.settings
+    body = await read_body(request, s.max_body_bytes)
+    head, tail = split_body(body, request.headers.get("inference-header-content-length"))
+    req = parse_infer(head, tail, meta, s.max_images_per_request)
+    if req.tensor is not None:
+        probs, batch_size = await runtime.infer(req.tensor)
+    else:
+        decoded = await runtime.decode(req.images)
+        for i, item in enumerate(decoded):
+            if isinstance(item, ServiceError):
+                item.message = f"image {i}: {item.message}"
+                raise item
+        good = [d for d in decoded if isinstance(d, np.ndarray)]
+        probs, batch_size = await runtime.classify_pixels(good)
+    request.state.images = req.batch
+    request.state.batch_size = batch_size
+    content, header_length = infer_response(req, probs, meta)
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(content, media_type="application/octet-stream",
