@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 from service import __version__
 from service.api import handlers
-from service.api.middleware import RequestObserver
+from service.api.front import DirectRoute, Front
 from service.api.routes import classify, health, models, v2
 from service.config import Settings
 from service.runtime import ClassifierFactory, Runtime, load_onnx
@@ -40,11 +42,22 @@ def create_app(settings: Settings | None = None, factory: ClassifierFactory = lo
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="imgserve", version=__version__, description=DESCRIPTION,
-                  lifespan=lifespan)
+    app = ImgServe(runtime, [*classify.DIRECT, *v2.DIRECT], title="imgserve",
+                   version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.runtime = runtime
     handlers.install(app)
     for module in (classify, models, health, v2):
         app.include_router(module.router)
-    app.add_middleware(RequestObserver, runtime=runtime)
     return app
+
+
+class ImgServe(FastAPI):
+    """FastAPI whose entry point is :class:`service.api.front.Front`: the inference routes are
+    served there, everything else goes on to FastAPI."""
+
+    def __init__(self, runtime: Runtime, direct: list[DirectRoute], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._front = Front(super().__call__, runtime, direct)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._front(scope, receive, send)

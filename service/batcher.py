@@ -7,7 +7,10 @@ images they are still preparing (decoding, parsing) with :meth:`Batcher.expect`,
 request on an idle server does not wait for company that is not coming. The model runs in a
 worker thread (ONNX Runtime releases the GIL), so
 the event loop keeps accepting and decoding while a batch computes; with ``workers`` > 1 several
-batches may compute at once. A batch that raises fails only its own requests. The queue is
+batches may compute at once. With ``inline``, a batch runs on the event loop's own thread instead:
+for a model that takes a millisecond or two on the CPU, the thread hand-offs cost more than the
+overlap gains, and the requests that arrive meanwhile wait in the socket buffers to form the next
+batch. A batch that raises fails only its own requests. The queue is
 bounded in images: a submit that does not fit is refused at once with :class:`Overloaded`.
 This module knows nothing about HTTP.
 """
@@ -60,6 +63,7 @@ class Batcher:
         max_wait_s: float,
         max_queue_images: int,
         workers: int = 1,
+        inline: bool = False,
         metrics: Metrics | None = None,
     ) -> None:
         if max_batch_size < 1:
@@ -70,11 +74,14 @@ class Batcher:
             raise ValueError("max_queue_images must be at least max_batch_size")
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if inline and workers != 1:
+            raise ValueError("inline inference runs one batch at a time: workers must be 1")
         self._predict = predict
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images
         self.workers = workers
+        self.inline = inline
         self._metrics = metrics
         self._queue: deque[_Item] = deque()
         self._queued_images = 0
@@ -99,7 +106,8 @@ class Batcher:
     async def start(self) -> None:
         if self._tasks:
             return
-        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="inference")
+        if not self.inline:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="inference")
         self._tasks = [asyncio.create_task(self._worker(), name=f"batcher-{i}")
                        for i in range(self.workers)]
         self._accepting = True
@@ -162,7 +170,11 @@ class Batcher:
             self._metrics.queue_depth.set(self._queued_images)
         self._wakeup.set()
         try:
-            parts = await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), timeout_s)
+            if len(items) == 1:  # the common case: no gathering future
+                parts = [await asyncio.wait_for(items[0].future, timeout_s)]
+            else:
+                parts = await asyncio.wait_for(asyncio.gather(*(i.future for i in items)),
+                                               timeout_s)
         except TimeoutError:
             if self._metrics:
                 self._metrics.rejected.labels("deadline").inc()
@@ -180,6 +192,8 @@ class Batcher:
                 await self._run(batch)
             finally:
                 self._in_flight -= 1
+            if self.inline:  # let the loop answer, accept and decode between inline batches
+                await asyncio.sleep(0)
 
     async def _collect(self) -> list[_Item]:
         loop = asyncio.get_running_loop()
@@ -221,8 +235,10 @@ class Batcher:
             for item in batch:
                 metrics.queue_wait.observe(start - item.enqueued)
         try:
-            assert self._executor is not None
-            out = await loop.run_in_executor(self._executor, self._predict, x)
+            if self._executor is None:  # inline: no thread hand-off for a short CPU batch
+                out = self._predict(x)
+            else:
+                out = await loop.run_in_executor(self._executor, self._predict, x)
             if not isinstance(out, np.ndarray) or out.ndim != 2 or out.shape[0] != x.shape[0]:
                 shape = getattr(out, "shape", type(out).__name__)
                 raise RuntimeError(f"model returned {shape} for a batch of {x.shape[0]}")

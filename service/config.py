@@ -53,7 +53,19 @@ class Settings(BaseSettings):
     inference_workers: int = Field(
         1, ge=1, le=64, description="batches that may run at the same time"
     )
+    inference_inline: Literal["auto", "on", "off"] = Field(
+        "auto", description="run batches on the event loop's thread, with no hand-off to an "
+        "inference thread; auto = on CPU, with one inference worker and warm-up on, when a full "
+        "warm batch takes under inline_max_batch_ms"
+    )
+    inline_max_batch_ms: float = Field(
+        10.0, ge=0, description="auto inline inference: the longest a full warm batch may take"
+    )
     decode_threads: int = Field(0, ge=0, description="image decode threads; 0 = all cores")
+    inline_decode_max_pixels: int = Field(
+        16384, ge=0, description="images of at most this many pixels (from the header) are "
+        "decoded on the event loop, larger ones in the decode threads"
+    )
     warmup: bool = Field(True, description="run every batch shape once before readiness")
 
     # --- CUDA execution provider (ignored on CPU) ----------------------------------------------

@@ -29,6 +29,13 @@ class InvalidRequest(ServiceError):
     type = "invalid_request"
 
 
+class InvalidParameter(ServiceError):
+    """A query parameter that does not parse or is out of range (as FastAPI's validation)."""
+
+    status_code = 422
+    type = "invalid_request"
+
+
 class UnsupportedMediaType(ServiceError):
     status_code = 415
     type = "unsupported_media_type"

@@ -126,19 +126,27 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img if img.mode == mode else img.convert(mode)
 
 
-def decode_image(data: bytes, spec: PreprocessSpec, max_pixels: int | None = None) -> np.ndarray:
-    """Decode encoded image bytes into a C×H×W uint8 array in the model's size and colour mode.
+def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Read only the header of encoded image bytes: cheap whatever the image's size.
 
-    Raises InvalidImage (corrupt or not an image), UnsupportedMediaType (a format we refuse) or
-    PayloadTooLarge (more than ``max_pixels`` pixels, checked from the header before decoding).
+    Raises InvalidImage (not an image), UnsupportedMediaType (a format we refuse) or
+    PayloadTooLarge (more than ``max_pixels`` pixels). The caller closes the image, or passes it
+    to :func:`pixels_of`, which does.
     """
     img = _open(data)
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        img.close()
+        raise PayloadTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    return img
+
+
+def pixels_of(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Decode an image opened by :func:`open_image` into a C×H×W uint8 array in the model's
+    size and colour mode, and close it. Raises InvalidImage (truncated or corrupt data)."""
     try:
-        width, height = img.size
-        if max_pixels is not None and width * height > max_pixels:
-            raise PayloadTooLarge(
-                f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
-            )
         if img.format == "JPEG":
             # Decode at a reduced DCT scale when the target is much smaller: the cost then stops
             # growing with megapixels. draft() keeps the result at least as large as asked.
@@ -159,6 +167,15 @@ def decode_image(data: bytes, spec: PreprocessSpec, max_pixels: int | None = Non
     if pixels.ndim == 2:
         return pixels[np.newaxis, :, :]
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def decode_image(data: bytes, spec: PreprocessSpec, max_pixels: int | None = None) -> np.ndarray:
+    """Decode encoded image bytes into a C×H×W uint8 array in the model's size and colour mode.
+
+    Raises InvalidImage (corrupt or not an image), UnsupportedMediaType (a format we refuse) or
+    PayloadTooLarge (more than ``max_pixels`` pixels, checked from the header before decoding).
+    """
+    return pixels_of(open_image(data, max_pixels), spec)
 
 
 def to_model_input(pixels: np.ndarray) -> np.ndarray:

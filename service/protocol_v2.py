@@ -208,10 +208,11 @@ def _requested_output(request: dict[str, Any], meta: ModelMetadata) -> Requested
                             f"{meta.output_name!r}")
     params = _params(spec, f"output {meta.output_name!r}")
     k = params.get("classification", 0)
-    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= meta.num_classes:
-        raise ProtocolError(f"classification must be an integer from 1 to {meta.num_classes}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise ProtocolError("classification must be an integer >= 1 (classes to return)")
+    # More classes than the model has: all of them, best first, as /v1's top_k.
     return RequestedOutput(binary=bool(params.get("binary_data", binary_default)),
-                           classification=k)
+                           classification=min(k, meta.num_classes))
 
 
 def infer_response(req: InferRequest, probs: np.ndarray,

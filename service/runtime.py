@@ -14,15 +14,18 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from PIL import Image
 
 from service.batcher import Batcher
 from service.config import Settings
 from service.errors import ModelNotReady, ServiceError
-from service.imaging import decode_image, to_model_input
+from service.imaging import open_image, pixels_of, to_model_input
 from service.metrics import Metrics
 from service.model import Classifier, OnnxClassifier
 
 log = logging.getLogger(__name__)
+
+_PENDING = ServiceError("being decoded")  # a placeholder, replaced before decode returns
 
 ClassifierFactory = Callable[[Settings], Classifier]
 
@@ -78,6 +81,7 @@ class Runtime:
             if s.warmup:
                 await asyncio.to_thread(classifier.warmup, sorted({1, s.max_batch_size}))
             warm_s = time.perf_counter() - started
+            inline = await asyncio.to_thread(self._choose_inline, classifier)
         except Exception as exc:
             log.exception("model failed to load")
             self.not_ready_reason = f"model failed to load: {exc}"
@@ -85,9 +89,9 @@ class Runtime:
         meta = classifier.metadata
         self.classifier = classifier
         self.metrics.model_info.labels(meta.name, meta.version, classifier.provider).set(1)
-        log.info("model %s v%s loaded from %s on %s (%s); warm-up %.2f s",
+        log.info("model %s v%s loaded from %s on %s (%s); warm-up %.2f s; inference %s",
                  meta.name, meta.version, s.model_path, classifier.provider,
-                 classifier.provider_note, warm_s)
+                 classifier.provider_note, warm_s, "inline" if inline else "in a thread")
         if s.require_gpu and classifier.provider == "CPUExecutionProvider":
             self.not_ready_reason = (f"require_gpu is set but the session runs on CPU: "
                                      f"{classifier.provider_note}")
@@ -95,11 +99,29 @@ class Runtime:
             return
         self.batcher = Batcher(classifier.predict, max_batch_size=s.max_batch_size,
                                max_wait_s=s.max_wait_ms / 1000, max_queue_images=s.max_queue_images,
-                               workers=s.inference_workers, metrics=self.metrics)
+                               workers=s.inference_workers, inline=inline, metrics=self.metrics)
         await self.batcher.start()
         if not self.shutting_down:
             self.not_ready_reason = ""
             self.metrics.ready.set(1)
+
+    def _choose_inline(self, classifier: Classifier) -> bool:
+        """Whether batches run on the event loop's thread (see ``Settings.inference_inline``):
+        only where a full batch is short, so the loop is never held for long."""
+        s = self.settings
+        if s.inference_inline != "auto":
+            return s.inference_inline == "on"
+        if (not s.warmup or s.inference_workers != 1
+                or classifier.provider != "CPUExecutionProvider"):
+            return False
+        c, h, w = classifier.metadata.input_shape[1:]
+        batch = np.zeros((s.max_batch_size, c, h, w), dtype=np.float32)
+        took = []
+        for _ in range(2):  # warm already: the faster of two calls
+            started = time.perf_counter()
+            classifier.predict(batch)
+            took.append(time.perf_counter() - started)
+        return min(took) * 1000 <= s.inline_max_batch_ms
 
     async def stop(self) -> None:
         self.begin_shutdown()
@@ -121,31 +143,52 @@ class Runtime:
             raise ModelNotReady(f"not ready: {self.not_ready_reason}")
         return self.classifier, self.batcher
 
-    def _decode_one(self, data: bytes) -> np.ndarray | ServiceError:
+    def _pixels(self, img: Image.Image) -> np.ndarray | ServiceError:
         assert self.classifier is not None
         started = time.perf_counter()
         try:
-            return decode_image(data, self.classifier.metadata.spec, self.settings.max_pixels)
+            return pixels_of(img, self.classifier.metadata.spec)
         except ServiceError as exc:
             return exc
         finally:
             self.metrics.decode.observe(time.perf_counter() - started)
 
     async def decode(self, images: Sequence[bytes]) -> list[np.ndarray | ServiceError]:
-        """Decode each image in the decode pool; failures come back in place, not raised."""
+        """Decode each image; failures come back in place, not raised.
+
+        Headers are read here, on the event loop (cheap whatever the size). Images of at most
+        ``inline_decode_max_pixels`` are decoded here too, where a thread hand-off would cost
+        more than the decode; larger ones go to the decode pool, so that a big photo never
+        holds the loop."""
         _, batcher = self.require_ready()
+        out: list[np.ndarray | ServiceError] = []
+        pool: list[tuple[int, Image.Image]] = []
+        for i, data in enumerate(images):
+            try:
+                img = open_image(data, self.settings.max_pixels)
+            except ServiceError as exc:
+                out.append(exc)
+                continue
+            width, height = img.size
+            if width * height <= self.settings.inline_decode_max_pixels:
+                out.append(self._pixels(img))
+            else:
+                out.append(_PENDING)
+                pool.append((i, img))
+        if not pool:
+            return out
         loop = asyncio.get_running_loop()
         # Announced to the batcher, so a batch forming meanwhile waits for these images; the
         # caller submits them right after, with no await in between.
-        batcher.expect(len(images))
+        batcher.expect(len(pool))
         try:
-            if len(images) == 1:  # the common case: one hop to the pool, no gather
-                return [await loop.run_in_executor(self._decode_pool, self._decode_one,
-                                                   images[0])]
-            return list(await asyncio.gather(
-                *(loop.run_in_executor(self._decode_pool, self._decode_one, d) for d in images)))
+            done = await asyncio.gather(
+                *(loop.run_in_executor(self._decode_pool, self._pixels, img) for _, img in pool))
         finally:
-            batcher.expected_done(len(images))
+            batcher.expected_done(len(pool))
+        for (i, _), item in zip(pool, done, strict=True):
+            out[i] = item
+        return out
 
     async def infer(self, pixels: np.ndarray) -> tuple[np.ndarray, int]:
         """Probabilities for an N×C×H×W float32 batch through the shared batcher."""

@@ -86,6 +86,8 @@ def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
         host=settings.host, port=settings.port, access_log=False, log_config=None,
         timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s), lifespan="on",
         server_header=False, timeout_keep_alive=5,
+        # Nothing here uses the client's address, so X-Forwarded-* need not be parsed.
+        proxy_headers=False,
     )
 
 

@@ -9,7 +9,8 @@ from fastapi import Depends, Request
 from service.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    """Async, so FastAPI calls it on the loop rather than handing it to a thread."""
     runtime: Runtime = request.app.state.runtime
     return runtime
 

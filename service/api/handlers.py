@@ -57,9 +57,15 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
                         headers=getattr(exc, "headers", None))
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+def unexpected_response(request: Request) -> JSONResponse:
+    """500 for an exception nobody expected: its traceback goes to the log, not the client."""
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return JSONResponse(error_body("internal_error", "internal server error"), 500)
+    return JSONResponse(error_payload(request.url.path, "internal_error",
+                                      "internal server error"), 500)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return unexpected_response(request)
 
 
 def install(app: FastAPI) -> None:

@@ -174,7 +174,7 @@ REFUSALS = [
     ("unknown output", {**_fp32([1, 1, 28, 28], [0.0] * 784),
                         "outputs": [{"name": "logits"}]}, 400, "output"),
     ("classification range", {**_fp32([1, 1, 28, 28], [0.0] * 784), "outputs": [
-        {"name": "probabilities", "parameters": {"classification": 11}}]}, 400,
+        {"name": "probabilities", "parameters": {"classification": -1}}]}, 400,
      "classification"),
 ]
 

@@ -10,18 +10,21 @@ from fastapi.responses import JSONResponse
 
 from service.api.body import read_images
 from service.api.deps import RuntimeDep
+from service.api.front import DirectRoute
 from service.api.handlers import error_body
 from service.api.schemas import ClassifyResponse, ErrorResponse
-from service.errors import InvalidRequest, ServiceError
+from service.errors import InvalidParameter, ServiceError
+from service.runtime import Runtime
 
 router = APIRouter(tags=["classification"])
+DEFAULT_TOP_K = 5
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text} for code, text in {
         400: "not an image, corrupt image, empty body or missing 'file' field",
         413: "body, pixel count or image count over its limit",
         415: "an image format or Content-Type that is not accepted",
-        422: "a query parameter out of range",
+        422: "a query parameter that is not an integer >= 1",
         503: "queue full (with Retry-After), not ready, or shutting down",
         504: "still queued at the request deadline",
     }.items()
@@ -41,22 +44,31 @@ BODY_DOC = {
 
 
 def top_k(probs: np.ndarray, k: int, labels: tuple[str, ...]) -> list[dict[str, Any]]:
-    """The k best classes of one probability row, highest first."""
+    """The k best classes of one probability row, highest first (all of them if k is larger)."""
     order = np.argsort(-probs, kind="stable")[:k]
     return [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in order]
 
 
-@router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS,
-             openapi_extra=BODY_DOC, summary="Classify one or more images")
-async def classify(
-    request: Request,
-    runtime: RuntimeDep,
-    top_k_: Annotated[int, Query(alias="top_k", ge=1, description="predictions per image")] = 5,
-) -> JSONResponse:
+def query_top_k(request: Request) -> int:
+    """``top_k`` from the query string: an integer >= 1, default 5."""
+    raw = request.query_params.get("top_k")
+    if raw is None:
+        return DEFAULT_TOP_K
+    try:
+        k = int(raw)
+    except ValueError:
+        raise InvalidParameter(f"top_k: must be an integer, got {raw[:40]!r}") from None
+    if k < 1:
+        raise InvalidParameter(f"top_k: must be at least 1, got {k}")
+    return k
+
+
+async def handle_classify(request: Request, runtime: Runtime,
+                          params: dict[str, str] | None = None) -> JSONResponse:
+    """The classify route's work; served directly by ``service.api.front``."""
     classifier, _ = runtime.require_ready()
     meta = classifier.metadata
-    if top_k_ > meta.num_classes:
-        raise InvalidRequest(f"top_k must be between 1 and {meta.num_classes}, got {top_k_}")
+    k = query_top_k(request)
     s = runtime.settings
     uploads = await read_images(request, s.max_body_bytes, s.max_images_per_request)
     decoded = await runtime.decode([u.data for u in uploads])
@@ -75,7 +87,21 @@ async def classify(
             results.append({"filename": upload.filename, **error_body(item.type, item.message)})
         else:
             results.append({"filename": upload.filename,
-                            "predictions": top_k(probs[row], top_k_, meta.labels)})
+                            "predictions": top_k(probs[row], k, meta.labels)})
             row += 1
     return JSONResponse({"model": {"name": meta.name, "version": meta.version},
                          "results": results})
+
+
+DIRECT = [DirectRoute("POST", "/v1/classify", handle_classify)]
+
+
+@router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS,
+             openapi_extra=BODY_DOC, summary="Classify one or more images")
+async def classify(
+    request: Request,
+    runtime: RuntimeDep,
+    top_k_: Annotated[int, Query(alias="top_k", ge=1, description=(
+        "predictions per image; all classes when the model has fewer"))] = DEFAULT_TOP_K,
+) -> JSONResponse:
+    return await handle_classify(request, runtime)

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from service import __version__
 from service.api.body import read_body
 from service.api.deps import RuntimeDep
+from service.api.front import DirectRoute
 from service.errors import ModelNotFound, ServiceError, UnsupportedMediaType
 from service.model import ModelMetadata
 from service.protocol_v2 import FP32, infer_response, parse_infer, split_body
@@ -92,9 +93,9 @@ async def model_version_ready(name: str, version: str, runtime: RuntimeDep) -> J
     return await _ready(runtime, name, version)
 
 
-async def _infer(request: Request, runtime: Runtime, name: str,
-                 version: str | None) -> Response:
-    meta = _model(runtime, name, version)
+async def handle_infer(request: Request, runtime: Runtime, params: dict[str, str]) -> Response:
+    """The infer routes' work; served directly by ``service.api.front``."""
+    meta = _model(runtime, params["name"], params.get("version"))
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding != "identity":
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported")
@@ -130,14 +131,18 @@ INFER_DOC = {"requestBody": {"content": {
 }}}
 
 
+DIRECT = [DirectRoute("POST", "/v2/models/{name}/infer", handle_infer),
+          DirectRoute("POST", "/v2/models/{name}/versions/{version}/infer", handle_infer)]
+
+
 @router.post("/models/{name}/infer", summary="Inference", responses=ERRORS,
              openapi_extra=INFER_DOC)
 async def infer(name: str, request: Request, runtime: RuntimeDep) -> Response:
-    return await _infer(request, runtime, name, None)
+    return await handle_infer(request, runtime, {"name": name})
 
 
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference (versioned)",
              responses=ERRORS, openapi_extra=INFER_DOC)
 async def infer_version(name: str, version: str, request: Request,
                         runtime: RuntimeDep) -> Response:
-    return await _infer(request, runtime, name, version)
+    return await handle_infer(request, runtime, {"name": name, "version": version})
