@@ -14,6 +14,7 @@ from service.api import handlers
 from service.api.front import DirectRoute, Front
 from service.api.routes import classify, health, models, v2
 from service.config import Settings
+from service.logs import AccessLog
 from service.runtime import ClassifierFactory, Runtime, load_onnx
 
 DESCRIPTION = """Image classification with ONNX Runtime and dynamic batching.
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None, factory: ClassifierFactory = lo
     process sharing a socket with ready ones must not take connections before it is)."""
     settings = settings or Settings()
     runtime = runtime or Runtime(settings, factory)
+    access_log = AccessLog(settings.log_json) if settings.access_log else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -41,8 +43,10 @@ def create_app(settings: Settings | None = None, factory: ClassifierFactory = lo
             yield
         finally:
             await runtime.stop()
+            if access_log is not None:
+                access_log.flush()
 
-    app = ImgServe(runtime, [*classify.DIRECT, *v2.DIRECT], title="imgserve",
+    app = ImgServe(runtime, [*classify.DIRECT, *v2.DIRECT], access_log, title="imgserve",
                    version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.runtime = runtime
     handlers.install(app)
@@ -55,9 +59,10 @@ class ImgServe(FastAPI):
     """FastAPI whose entry point is :class:`service.api.front.Front`: the inference routes are
     served there, everything else goes on to FastAPI."""
 
-    def __init__(self, runtime: Runtime, direct: list[DirectRoute], **kwargs: Any) -> None:
+    def __init__(self, runtime: Runtime, direct: list[DirectRoute],
+                 access_log: AccessLog | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._front = Front(super().__call__, runtime, direct)
+        self._front = Front(super().__call__, runtime, direct, access_log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._front(scope, receive, send)

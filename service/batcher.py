@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -93,6 +94,7 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._accepting = False
         self._stopping = False
+        self._image_s: float | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
     @property
@@ -132,6 +134,14 @@ class Batcher:
             self._executor.shutdown(wait=True)
             self._executor = None
 
+    def drain_seconds(self) -> int:
+        """Whole seconds the queue needs to drain at the recent rate (at least 1, at most 60):
+        what a refused client is told to wait in ``Retry-After``."""
+        if self._image_s is None:
+            return 1
+        seconds = self._queued_images * self._image_s / self.workers
+        return min(60, max(1, math.ceil(seconds)))
+
     # --- submitting ----------------------------------------------------------------------------
     def expect(self, n: int) -> None:
         """Announce ``n`` images that will be submitted soon (they are being decoded)."""
@@ -157,9 +167,10 @@ class Batcher:
         if self._queued_images + n > self.max_queue_images:
             if self._metrics:
                 self._metrics.rejected.labels("queue_full").inc()
+            retry_after = self.drain_seconds()
             raise Overloaded(
                 f"{self._queued_images} images are queued (limit {self.max_queue_images}); "
-                "retry shortly", retry_after=1)
+                f"retry in {retry_after} s", retry_after=retry_after)
         loop = asyncio.get_running_loop()
         now = loop.time()
         items = [_Item(x[i : i + self.max_batch_size], loop.create_future(), now)
@@ -252,8 +263,13 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_exception(error)
             return
+        took = loop.time() - start
+        # Seconds per image, smoothed over recent batches: the queue's drain rate.
+        per_image = took / x.shape[0]
+        self._image_s = per_image if self._image_s is None else (
+            0.8 * self._image_s + 0.2 * per_image)
         if metrics:
-            metrics.inference.observe(loop.time() - start)
+            metrics.inference.observe(took)
             metrics.batch_size.observe(x.shape[0])
             metrics.images.inc(x.shape[0])
         offset = 0

@@ -107,6 +107,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1, description="request body limit (413)")
     max_pixels: int = Field(40_000_000, ge=1, description="pixels per image, from the header")
     max_images_per_request: int = Field(64, ge=1, description="images in one request")
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection that has not sent a request's headers this long "
+        "after opening (or after the request's first byte) gets 408 and is closed"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body not wholly received this long after its "
+        "headers gets 408 and the connection is closed"
+    )
+    max_connections: int = Field(
+        1024, ge=1, description="open connections per worker process; beyond, 503 with "
+        "Retry-After and the connection is closed"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
-from typing import Any
+import time
+from typing import IO, Any
 
 
 class JsonFormatter(logging.Formatter):
@@ -43,3 +45,56 @@ def configure(level: str = "info", json_lines: bool = False) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+
+
+class AccessLog:
+    """One line per request, in the shape of the other log lines (text or JSON), written in
+    batches: when ``max_lines`` are waiting or ``flush_s`` after the first, and at shutdown.
+
+    Going through ``logging`` and a flush per line cost about 12% of the requests/s of a small
+    image; this is nginx's ``access_log ... buffer= flush=``. Lines are written on the event
+    loop's thread only, so they may reach stderr up to ``flush_s`` after other log lines.
+    """
+
+    def __init__(self, json_lines: bool = False, stream: IO[str] | None = None,
+                 flush_s: float = 0.1, max_lines: int = 256) -> None:
+        self.json_lines = json_lines
+        self.stream = stream
+        self.flush_s = flush_s
+        self.max_lines = max_lines
+        self._lines: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._second = -1
+        self._stamp = ""
+
+    def _time(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:  # strftime once a second, not once a line
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S" if self.json_lines
+                                        else "%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return self._stamp if self.json_lines else f"{self._stamp},{int(now % 1 * 1000):03d}"
+
+    def write(self, fields: dict[str, Any]) -> None:
+        stamp = self._time(time.time())
+        if self.json_lines:
+            line = json.dumps({"time": stamp, "level": "info", "logger": "service.access",
+                               "message": "request", **fields})
+        else:
+            line = (f"{stamp} INFO service.access: request "
+                    + " ".join(f"{k}={v}" for k, v in fields.items()))
+        self._lines.append(line)
+        if len(self._lines) >= self.max_lines:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.flush_s, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._lines:
+            stream = self.stream or sys.stderr
+            stream.write("\n".join(self._lines) + "\n")
+            stream.flush()
+            self._lines.clear()

@@ -8,6 +8,7 @@ in files under ``metrics_dir``; :meth:`Metrics.exposition` then reports the sum 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -20,6 +21,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None,
                  multiprocess_dir: Path | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
         self.multiprocess_dir = multiprocess_dir
         r = self.registry
         self.requests = Counter("imgserve_requests_total",
@@ -57,6 +59,18 @@ class Metrics:
         self.gpu_utilization = Gauge("imgserve_gpu_utilization_ratio",
                                      "GPU busy fraction over the last sample period (NVML)",
                                      ["device"], multiprocess_mode="livemax", registry=r)
+
+    def request_done(self, route: str, status: int, seconds: float) -> None:
+        """Count one HTTP request and its latency (label children cached: ``labels()`` costs
+        more than the update itself)."""
+        key = (route, status // 100)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, f"{status // 100}xx"),
+                        self.request_latency.labels(route))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def exposition(self) -> bytes:
         """The Prometheus text format: this process's registry, or the sum over workers."""

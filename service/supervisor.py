@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from service.config import Settings
+from service.http import protocol_class
 
 if TYPE_CHECKING:
     from service.runtime import Runtime
@@ -88,6 +89,7 @@ def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
         server_header=False, timeout_keep_alive=5,
         # Nothing here uses the client's address, so X-Forwarded-* need not be parsed.
         proxy_headers=False,
+        http=protocol_class(settings.header_timeout_s, settings.max_connections),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -14,10 +15,13 @@ from service.errors import (
     ClientClosedRequest,
     InvalidRequest,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 
-RAW_TYPES = ("image/", "application/octet-stream")
+# Raw bodies are recognised by their bytes; these types are taken to mean "some bytes". curl's
+# --data-binary sends application/x-www-form-urlencoded unless told otherwise.
+RAW_TYPES = ("image/", "application/octet-stream", "application/x-www-form-urlencoded")
 
 
 @dataclass(frozen=True)
@@ -26,8 +30,9 @@ class Upload:
     data: bytes
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing (413) as soon as it passes ``limit`` bytes, before buffering it."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, refusing (413) as soon as it passes ``limit`` bytes, before buffering it,
+    and (408) when it has not all arrived within ``timeout_s``."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -38,26 +43,33 @@ async def read_body(request: Request, limit: int) -> bytes:
     chunks = []
     size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+                chunks.append(chunk)
     except ClientDisconnect:
         raise ClientClosedRequest("the client disconnected before sending the whole body") from None
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s "
+                             f"({size} bytes received)") from None
     return b"".join(chunks)
 
 
-async def read_images(request: Request, limit: int, max_images: int) -> list[Upload]:
+async def read_images(request: Request, limit: int, max_images: int,
+                      timeout_s: float) -> list[Upload]:
     """One raw image body, or the ``file`` fields of a multipart form, in request order."""
     content_type = request.headers.get("content-type", "application/octet-stream").lower()
-    body = await read_body(request, limit)
+    body = await read_body(request, limit, timeout_s)
     if content_type.startswith("multipart/form-data"):
         return await _parse_multipart(request, body, max_images)
     if not content_type.startswith(RAW_TYPES):
         raise UnsupportedMediaType(
             f"Content-Type {content_type!r} is not accepted: send the image as the raw body "
-            "(image/* or application/octet-stream) or as multipart/form-data fields named 'file'"
+            "(image/*, application/octet-stream or no Content-Type) or as multipart/form-data "
+            "fields named 'file', e.g. curl --data-binary @photo.jpg "
+            f"{request.url.path} or curl -F file=@photo.jpg {request.url.path}"
         )
     if not body:
         raise InvalidRequest("the request body is empty; send an image")

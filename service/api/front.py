@@ -13,7 +13,6 @@ errors from either path get the same shapes from ``service.api.handlers``.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,9 +25,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.handlers import error_payload, error_response, unexpected_response
 from service.errors import ServiceError
+from service.logs import AccessLog
 from service.runtime import Runtime
 
-access_log = logging.getLogger("service.access")
 ALWAYS_OPEN = ("/health/", "/metrics", "/v2/health/")
 
 Handler = Callable[[Request, Runtime, dict[str, str]], Awaitable[Response]]
@@ -48,9 +47,11 @@ class DirectRoute:
 
 
 class Front:
-    def __init__(self, app: ASGIApp, runtime: Runtime, routes: Sequence[DirectRoute]) -> None:
+    def __init__(self, app: ASGIApp, runtime: Runtime, routes: Sequence[DirectRoute],
+                 access_log: AccessLog | None = None) -> None:
         self.app = app
         self.runtime = runtime
+        self.access_log = access_log
         self._exact = {(r.method, r.path): r for r in routes if "{" not in r.path}
         self._patterns = [(r, r.pattern) for r in routes if "{" in r.path]
 
@@ -89,15 +90,13 @@ class Front:
         finally:
             elapsed = time.perf_counter() - start
             label = route.path if route else getattr(scope.get("route"), "path", "unmatched")
-            m = self.runtime.metrics
-            m.requests.labels(label, f"{status // 100}xx").inc()
-            m.request_latency.labels(label).observe(elapsed)
-            if self.runtime.settings.access_log:
+            self.runtime.metrics.request_done(label, status, elapsed)
+            if self.access_log is not None:
                 state: dict[str, Any] = scope.get("state", {})
-                access_log.info("request", extra={"http": {
+                self.access_log.write({
                     "method": scope["method"], "path": path, "status": status,
                     "images": state.get("images", 0), "batch_size": state.get("batch_size"),
-                    "latency_ms": round(elapsed * 1000, 3)}})
+                    "latency_ms": round(elapsed * 1000, 3)})
 
     async def _direct(self, route: DirectRoute, params: dict[str, str], scope: Scope,
                       receive: Receive, send: Send) -> None:

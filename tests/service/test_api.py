@@ -279,3 +279,38 @@ def test_bad_model_file_is_not_ready(make_client: Any, tmp_path: Any) -> None:
             break
         time.sleep(0.02)
     assert resp.status_code == 503 and "failed to load" in resp.json()["reason"]
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded",
+                                          "application/octet-stream", "image/jpeg"])
+def test_raw_body_types_curl_sends_are_classified(client: TestClient, sample_png: bytes,
+                                                  content_type: str | None) -> None:
+    """curl --data-binary sends x-www-form-urlencoded; the bytes say what the image is."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    req = client.build_request("POST", "/v1/classify", content=sample_png, headers=headers)
+    assert req.headers.get("Content-Type") == content_type
+    resp = client.send(req)
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["results"][0]["predictions"]) == 5
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain"])
+def test_other_types_get_415_with_the_working_curl_line(client: TestClient, sample_png: bytes,
+                                                        content_type: str) -> None:
+    error = assert_error(client.post("/v1/classify", content=sample_png,
+                                     headers={"Content-Type": content_type}), 415,
+                         "unsupported_media_type")
+    assert "curl --data-binary @photo.jpg" in error["message"]
+
+
+def test_retry_after_follows_the_queue_drain_rate(make_client: Any, sample_png: bytes) -> None:
+    """At 0.45 s per image, 4 queued images drain in 1.8 s: Retry-After says 2, not 1."""
+    held: list[Wrapped] = []
+    c: TestClient = make_client(factory(held, delay=0.45), max_batch_size=1, max_queue_images=4,
+                                max_images_per_request=1, max_wait_ms=0, warmup=False)
+    for _ in range(2):  # the rate is learnt from batches that ran
+        assert c.post("/v1/classify", content=sample_png, headers=PNG).status_code == 200
+    responses = _concurrent(c, 8, sample_png)
+    refused = [r for r in responses if r.status_code == 503]
+    assert refused and all(r.headers["Retry-After"] == "2" for r in refused)
+    assert "retry in 2 s" in refused[0].json()["error"]["message"]
