@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from service.errors import InvalidRequest
 from service.model import ModelMetadata
@@ -70,7 +70,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
                                 f"{len(body)} bytes")
         head, tail = body[:n], body[n:]
     try:
-        request = json.loads(head)
+        request = orjson.loads(head)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"the request header is not valid JSON: {exc}") from None
     if not isinstance(request, dict):
@@ -238,7 +238,7 @@ def infer_response(req: InferRequest, probs: np.ndarray,
         body["id"] = req.id
     if not req.output.binary:
         output["data"] = values
-        return json.dumps(body).encode(), None
+        return orjson.dumps(body), None
     output["parameters"] = {"binary_data_size": len(raw)}
-    head = json.dumps(body).encode()
+    head = orjson.dumps(body)
     return head + raw, len(head)

@@ -12,6 +12,7 @@ from service.api.body import read_images
 from service.api.deps import RuntimeDep
 from service.api.front import DirectRoute
 from service.api.handlers import error_body
+from service.api.responses import FastJSONResponse
 from service.api.schemas import ClassifyResponse, ErrorResponse
 from service.errors import InvalidParameter, ServiceError
 from service.runtime import Runtime
@@ -90,8 +91,8 @@ async def handle_classify(request: Request, runtime: Runtime,
             results.append({"filename": upload.filename,
                             "predictions": top_k(probs[row], k, meta.labels)})
             row += 1
-    return JSONResponse({"model": {"name": meta.name, "version": meta.version},
-                         "results": results})
+    return FastJSONResponse({"model": {"name": meta.name, "version": meta.version},
+                             "results": results})
 
 
 DIRECT = [DirectRoute("POST", "/v1/classify", handle_classify)]
