@@ -40,6 +40,7 @@ from service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 Predict = Callable[[np.ndarray], np.ndarray]
+SWEEP_S = 0.025  # how often queued requests are checked against their deadline
 
 
 @dataclass(eq=False)
@@ -47,6 +48,7 @@ class _Item:
     x: np.ndarray
     future: asyncio.Future[tuple[np.ndarray, int]]
     enqueued: float
+    deadline: float
 
     @property
     def n(self) -> int:
@@ -112,6 +114,7 @@ class Batcher:
             self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="inference")
         self._tasks = [asyncio.create_task(self._worker(), name=f"batcher-{i}")
                        for i in range(self.workers)]
+        self._tasks.append(asyncio.create_task(self._sweep(), name="batcher-deadlines"))
         self._accepting = True
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
@@ -173,26 +176,46 @@ class Batcher:
                 f"retry in {retry_after} s", retry_after=retry_after)
         loop = asyncio.get_running_loop()
         now = loop.time()
-        items = [_Item(x[i : i + self.max_batch_size], loop.create_future(), now)
-                 for i in range(0, n, self.max_batch_size)]
+        items = [_Item(x[i : i + self.max_batch_size], loop.create_future(), now,
+                       now + timeout_s) for i in range(0, n, self.max_batch_size)]
         self._queue.extend(items)
         self._queued_images += n
         if self._metrics:
             self._metrics.queue_depth.set(self._queued_images)
         self._wakeup.set()
-        try:
-            if len(items) == 1:  # the common case: no gathering future
-                parts = [await asyncio.wait_for(items[0].future, timeout_s)]
-            else:
-                parts = await asyncio.wait_for(asyncio.gather(*(i.future for i in items)),
-                                               timeout_s)
-        except TimeoutError:
-            if self._metrics:
-                self._metrics.rejected.labels("deadline").inc()
-            raise DeadlineExceeded(
-                f"not answered within the {timeout_s:g} s request deadline") from None
+        # No timer per request: the sweeper fails items still queued at their deadline.
+        if len(items) == 1:  # the common case: no gathering future
+            parts = [await items[0].future]
+        else:
+            done = await asyncio.gather(*(i.future for i in items), return_exceptions=True)
+            for part in done:  # every part's outcome is retrieved; the first error is raised
+                if isinstance(part, BaseException):
+                    raise part
+            parts = done  # type: ignore[assignment]
         rows = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
         return rows, max(p[1] for p in parts)
+
+    async def _sweep(self) -> None:
+        """Fail queued items past their deadline (504), a few times a second. Items already in
+        a model call are answered: their work is done by then anyway."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            now = loop.time()
+            expired = [i for i in self._queue if i.deadline <= now and not i.future.done()]
+            if not expired:
+                continue
+            for item in expired:
+                seconds = item.deadline - item.enqueued
+                item.future.set_exception(DeadlineExceeded(
+                    f"not answered within the {seconds:g} s request deadline"))
+                if self._metrics:
+                    self._metrics.rejected.labels("deadline").inc()
+            # Out of the queue at once, so that they no longer count against its bound.
+            self._queue = deque(i for i in self._queue if not i.future.done())
+            self._queued_images = sum(i.n for i in self._queue)
+            if self._metrics:
+                self._metrics.queue_depth.set(self._queued_images)
 
     # --- the worker loop -------------------------------------------------------------------------
     async def _worker(self) -> None:

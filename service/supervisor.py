@@ -35,7 +35,7 @@ from service.config import Settings
 from service.http import protocol_class
 
 if TYPE_CHECKING:
-    from service.runtime import Runtime
+    from service.runtime import ClassifierFactory, Runtime
 
 log = logging.getLogger("service")
 
@@ -93,36 +93,41 @@ def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
     )
 
 
-def serve_here(settings: Settings, sockets: list[socket.socket] | None = None) -> None:
+def serve_here(settings: Settings, sockets: list[socket.socket] | None = None,
+               factory: ClassifierFactory | None = None) -> None:
     """Run one server in this process (a worker, or the whole service when workers is 1)."""
     from service.app import create_app
     from service.runtime import Runtime
 
-    runtime = Runtime(settings)
+    runtime = Runtime(settings, factory) if factory else Runtime(settings)
     app = create_app(settings, runtime=runtime, load_before_serving=sockets is not None)
     DrainingServer(uvicorn_config(app, settings), runtime).run(sockets=sockets)
 
 
-def _worker_main(settings: Settings, sock: socket.socket, index: int) -> None:
+def _worker_main(settings: Settings, sock: socket.socket, index: int,
+                 factory: ClassifierFactory | None) -> None:
     from service.logs import configure
 
     configure(settings.log_level, settings.log_json)
     logging.getLogger("service").debug("worker %d (pid %d) starting", index, os.getpid())
-    serve_here(settings, [sock])
+    serve_here(settings, [sock], factory)
 
 
 class Supervisor:
     """Spawns ``n`` workers on one socket, keeps them running, and drains them on a signal."""
 
-    def __init__(self, settings: Settings, n: int) -> None:
+    def __init__(self, settings: Settings, n: int,
+                 factory: ClassifierFactory | None = None) -> None:
         self.settings = settings
         self.n = n
+        self.factory = factory  # a module-level function: it crosses to spawned workers
         self._stop = threading.Event()
         self._ctx = multiprocessing.get_context("spawn")
         self._procs: list[tuple[SpawnProcess, float]] = []
 
     def _spawn(self, sock: socket.socket, index: int) -> tuple[SpawnProcess, float]:
-        proc = self._ctx.Process(target=_worker_main, args=(self.settings, sock, index),
+        proc = self._ctx.Process(target=_worker_main,
+                                 args=(self.settings, sock, index, self.factory),
                                  name=f"imgserve-worker-{index}", daemon=False)
         proc.start()
         return proc, time.monotonic()
@@ -207,12 +212,12 @@ class Supervisor:
             multiprocess.mark_process_dead(proc.pid, str(self.settings.metrics_dir))
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, factory: ClassifierFactory | None = None) -> int:
     """Serve until a signal: in this process for one worker, under a supervisor for several."""
     n = resolve_workers(settings)
     if n == 1:
         log.info("serving on http://%s:%d with 1 process", settings.host, settings.port)
-        serve_here(settings)
+        serve_here(settings, factory=factory)
         return 0
     own_dir = settings.metrics_dir is None
     metrics_dir = Path(tempfile.mkdtemp(prefix="imgserve-metrics-")) if own_dir else None
@@ -226,7 +231,7 @@ def serve(settings: Settings) -> int:
     # spawned workers inherit it.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(settings.metrics_dir)
     try:
-        return Supervisor(settings, n).run()
+        return Supervisor(settings, n, factory).run()
     finally:
         if own_dir:
             shutil.rmtree(settings.metrics_dir, ignore_errors=True)
