@@ -13,6 +13,7 @@ from service import __version__
 from service.api import handlers
 from service.api.front import DirectRoute, Front
 from service.api.routes import classify, health, models, v2
+from service.auth import ApiKeys
 from service.config import Settings
 from service.logs import AccessLog
 from service.runtime import ClassifierFactory, Runtime, load_onnx
@@ -46,7 +47,8 @@ def create_app(settings: Settings | None = None, factory: ClassifierFactory = lo
             if access_log is not None:
                 access_log.flush()
 
-    app = ImgServe(runtime, [*classify.DIRECT, *v2.DIRECT], access_log, title="imgserve",
+    app = ImgServe(runtime, [*classify.DIRECT, *v2.DIRECT], access_log,
+                   ApiKeys.from_settings(settings), title="imgserve",
                    version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.runtime = runtime
     handlers.install(app)
@@ -60,9 +62,9 @@ class ImgServe(FastAPI):
     served there, everything else goes on to FastAPI."""
 
     def __init__(self, runtime: Runtime, direct: list[DirectRoute],
-                 access_log: AccessLog | None, **kwargs: Any) -> None:
+                 access_log: AccessLog | None, keys: ApiKeys | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._front = Front(super().__call__, runtime, direct, access_log)
+        self._front = Front(super().__call__, runtime, direct, access_log, keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._front(scope, receive, send)

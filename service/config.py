@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -103,6 +103,18 @@ class Settings(BaseSettings):
         10.0, gt=0, description="a request still queued after this gets 504"
     )
 
+    # --- access -------------------------------------------------------------------------------
+    api_keys: SecretStr = Field(
+        SecretStr(""), description="comma-separated API keys; when any is set, every route but "
+        "the health probes, /metrics and the API docs needs 'Authorization: Bearer <key>'"
+    )
+    api_keys_file: Path | None = Field(
+        None, description="a file of API keys, one per line (a mounted Kubernetes Secret)"
+    )
+    metrics_require_key: bool = Field(
+        False, description="with API keys set, /metrics needs a key too"
+    )
+
     # --- limits -------------------------------------------------------------------------------
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1, description="request body limit (413)")
     max_pixels: int = Field(40_000_000, ge=1, description="pixels per image, from the header")
@@ -124,4 +136,6 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.max_queue_images < self.max_images_per_request:
             raise ValueError("max_queue_images must hold at least max_images_per_request")
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"api_keys_file {self.api_keys_file} is not a readable file")
         return self

@@ -43,6 +43,7 @@ class Runtime:
         self.classifier: Classifier | None = None
         self.batcher: Batcher | None = None
         self.shutting_down = False
+        self.active_requests = 0  # admitted and not yet answered (kept by service.api.front)
         self.not_ready_reason = "the model is loading"
         self.started_at = time.time()
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads or os.cpu_count() or 1,
@@ -135,7 +136,10 @@ class Runtime:
 
     # --- work ----------------------------------------------------------------------------------
     def require_ready(self) -> tuple[Classifier, Batcher]:
-        if self.classifier is None or self.batcher is None or not self.ready:
+        """The model and batcher, for a request that was admitted. During the drain readiness is
+        false but the batcher still runs: requests admitted before it began are completed (new
+        ones are refused before they get here, by ``service.api.front``)."""
+        if self.classifier is None or self.batcher is None or not self.batcher.running:
             if self.shutting_down:
                 from service.errors import ShuttingDown
 

@@ -14,6 +14,7 @@ workers, Prometheus metrics go through prometheus-client's multi-process mode so
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import multiprocessing
@@ -79,6 +80,16 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.runtime.begin_shutdown()
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Keep listening until the accepted requests are answered (at most the grace period),
+        so that a client or load balancer meanwhile gets 503 with Retry-After, not a refused
+        connection; then close the socket and finish as uvicorn does."""
+        deadline = time.monotonic() + self.runtime.settings.graceful_timeout_s
+        while (self.runtime.active_requests and not self.force_exit
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.02)
+        await super().shutdown(sockets)
 
 
 def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:

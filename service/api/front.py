@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.handlers import error_payload, error_response, unexpected_response
+from service.auth import ApiKeys
 from service.errors import ServiceError
 from service.logs import AccessLog
 from service.runtime import Runtime
@@ -48,10 +49,11 @@ class DirectRoute:
 
 class Front:
     def __init__(self, app: ASGIApp, runtime: Runtime, routes: Sequence[DirectRoute],
-                 access_log: AccessLog | None = None) -> None:
+                 access_log: AccessLog | None = None, keys: ApiKeys | None = None) -> None:
         self.app = app
         self.runtime = runtime
         self.access_log = access_log
+        self.keys = keys
         self._exact = {(r.method, r.path): r for r in routes if "{" not in r.path}
         self._patterns = [(r, r.pattern) for r in routes if "{" in r.path]
 
@@ -70,7 +72,16 @@ class Front:
             return
         path: str = scope["path"]
         if self.runtime.shutting_down and not path.startswith(ALWAYS_OPEN):
-            await self._refuse(path, send)
+            self.runtime.metrics.rejected.labels("shutting_down").inc()
+            await send_error(send, path, 503, "shutting_down", "the server is shutting down",
+                             [(b"retry-after", b"1"), (b"connection", b"close")])
+            return
+        if self.keys is not None and not self.keys.is_open(path) and not self.keys.allows(
+                header(scope, b"authorization")):
+            self.runtime.metrics.rejected.labels("unauthorized").inc()
+            await send_error(send, path, 401, "unauthorized",
+                             "this route needs an API key: 'Authorization: Bearer <key>'",
+                             [(b"www-authenticate", b'Bearer realm="imgserve"')])
             return
         start = time.perf_counter()
         status = 500
@@ -82,12 +93,14 @@ class Front:
             await send(message)
 
         route, params = self._match(scope["method"], path)
+        self.runtime.active_requests += 1
         try:
             if route is None:
                 await self.app(scope, receive, observe)
             else:
                 await self._direct(route, params, scope, receive, observe)
         finally:
+            self.runtime.active_requests -= 1
             elapsed = time.perf_counter() - start
             label = route.path if route else getattr(scope.get("route"), "path", "unmatched")
             self.runtime.metrics.request_done(label, status, elapsed)
@@ -109,11 +122,20 @@ class Front:
             response = unexpected_response(request)
         await response(scope, receive, send)
 
-    async def _refuse(self, path: str, send: Send) -> None:
-        self.runtime.metrics.rejected.labels("shutting_down").inc()
-        body = json.dumps(error_payload(path, "shutting_down",
-                                        "the server is shutting down")).encode()
-        await send({"type": "http.response.start", "status": 503, "headers": [
-            (b"content-type", b"application/json"), (b"retry-after", b"1"),
-            (b"connection", b"close"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+async def send_error(send: Send, path: str, status: int, type_: str, message: str,
+                     headers: list[tuple[bytes, bytes]]) -> None:
+    """An error in the path's protocol's shape, sent before any route runs."""
+    body = json.dumps(error_payload(path, type_, message)).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        *headers]})
+    await send({"type": "http.response.body", "body": body})

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -120,3 +122,36 @@ def test_worker_count_follows_the_cores_on_cpu() -> None:
     assert 1 <= cpus <= (os.cpu_count() or 1)
     assert resolve_workers(Settings(provider="cpu")) == min(cpus, MAX_AUTO_WORKERS)
     assert resolve_workers(Settings(provider="cpu", workers=3)) == 3
+
+
+@pytest.mark.parametrize("server", [(1, {}), (2, {})], indirect=True, ids=["1-worker", "2-workers"])
+def test_during_the_drain_new_connections_get_503_not_a_refusal(
+        server: tuple[subprocess.Popen[bytes], int], sample_png: bytes) -> None:
+    """An upload still arriving when SIGTERM comes is accepted work: while it lasts, the socket
+    stays open, probes get 503 and new work 503 + Retry-After + Connection: close."""
+    proc, port = server
+    slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+    slow.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                 + f"Content-Length: {len(sample_png)}\r\n\r\n".encode() + sample_png[:20])
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    for _ in range(4):  # with 2 workers, whichever worker the kernel picks
+        status, payload = get(port, "/health/ready")
+        assert status == 503, payload
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("POST", "/v1/classify", sample_png, {"Content-Type": "image/png"})
+        resp = conn.getresponse()
+        assert resp.status == 503 and resp.getheader("Retry-After") == "1"
+        assert resp.getheader("Connection") == "close"
+        assert json.loads(resp.read())["error"]["type"] == "shutting_down"
+        conn.close()
+    slow.sendall(sample_png[20:])  # the accepted request completes and is answered
+    answer = b""
+    while b'"results"' not in answer and (chunk := slow.recv(65536)):
+        answer += chunk
+    slow.close()
+    assert answer.startswith(b"HTTP/1.1 200") and b'"predictions"' in answer
+    assert proc.wait(30) in (0, -signal.SIGTERM)
+    with pytest.raises(ConnectionRefusedError):  # and only then is the socket closed
+        get(port, "/health/live")
