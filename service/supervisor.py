@@ -15,6 +15,7 @@ workers, Prometheus metrics go through prometheus-client's multi-process mode so
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import math
 import multiprocessing
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("service")
 
 MAX_AUTO_WORKERS = 8
+PR_SET_PDEATHSIG = 1  # prctl(2)
 CRASH_LOOP_S = 10.0  # a worker that dies this soon after starting, twice in a row, stops us
 
 
@@ -115,9 +117,23 @@ def serve_here(settings: Settings, sockets: list[socket.socket] | None = None,
     DrainingServer(uvicorn_config(app, settings), runtime).run(sockets=sockets)
 
 
+def _die_with_parent() -> None:
+    """On Linux, have the kernel send SIGTERM to this worker if the supervisor dies, even by
+    SIGKILL: an orphaned worker would go on serving a port nobody manages."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the supervisor's drain is all there is
+        return
+    if os.getppid() == 1:  # the supervisor died before the line above: already orphaned
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _worker_main(settings: Settings, sock: socket.socket, index: int,
                  factory: ClassifierFactory | None) -> None:
     from service.logs import configure
+
+    _die_with_parent()
 
     configure(settings.log_level, settings.log_json)
     logging.getLogger("service").debug("worker %d (pid %d) starting", index, os.getpid())

@@ -155,3 +155,25 @@ def test_during_the_drain_new_connections_get_503_not_a_refusal(
     assert proc.wait(30) in (0, -signal.SIGTERM)
     with pytest.raises(ConnectionRefusedError):  # and only then is the socket closed
         get(port, "/health/live")
+
+
+@pytest.mark.parametrize("server", [(2, {})], indirect=True)
+def test_workers_exit_when_the_supervisor_is_killed(
+        server: tuple[subprocess.Popen[bytes], int]) -> None:
+    proc, port = server
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    workers = [int(p) for p in children
+               if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) == 2
+    proc.kill()  # SIGKILL: no drain, no chance to pass a signal on
+    proc.wait(10)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(Path(f"/proc/{w}").exists() and b"Z" not in
+                                              Path(f"/proc/{w}/stat").read_bytes().split()[2]
+                                              for w in workers):
+        time.sleep(0.1)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()
+             and Path(f"/proc/{w}/stat").read_bytes().split()[2] != b"Z"]
+    assert not alive, f"workers {alive} outlived their supervisor"
+    with pytest.raises(ConnectionRefusedError):
+        get(port, "/health/live")
