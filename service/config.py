@@ -51,7 +51,8 @@ class Settings(BaseSettings):
         1, ge=0, description="ONNX Runtime threads per inference call; 0 = all cores"
     )
     inference_workers: int = Field(
-        1, ge=1, le=64, description="batches that may run at the same time"
+        0, ge=0, le=64, description="batches that may run at the same time in one process; "
+        "0 = 1 on CPU, 2 on an accelerator (one batch forms while another computes)"
     )
     inference_inline: Literal["auto", "on", "off"] = Field(
         "auto", description="run batches on the event loop's thread, with no hand-off to an "

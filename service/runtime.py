@@ -82,7 +82,9 @@ class Runtime:
             if s.warmup:
                 await asyncio.to_thread(classifier.warmup, sorted({1, s.max_batch_size}))
             warm_s = time.perf_counter() - started
-            inline = await asyncio.to_thread(self._choose_inline, classifier)
+            workers = s.inference_workers or (
+                1 if classifier.provider == "CPUExecutionProvider" else 2)
+            inline = await asyncio.to_thread(self._choose_inline, classifier, workers)
         except Exception as exc:
             log.exception("model failed to load")
             self.not_ready_reason = f"model failed to load: {exc}"
@@ -100,19 +102,19 @@ class Runtime:
             return
         self.batcher = Batcher(classifier.predict, max_batch_size=s.max_batch_size,
                                max_wait_s=s.max_wait_ms / 1000, max_queue_images=s.max_queue_images,
-                               workers=s.inference_workers, inline=inline, metrics=self.metrics)
+                               workers=workers, inline=inline, metrics=self.metrics)
         await self.batcher.start()
         if not self.shutting_down:
             self.not_ready_reason = ""
             self.metrics.ready.set(1)
 
-    def _choose_inline(self, classifier: Classifier) -> bool:
+    def _choose_inline(self, classifier: Classifier, workers: int) -> bool:
         """Whether batches run on the event loop's thread (see ``Settings.inference_inline``):
         only where a full batch is short, so the loop is never held for long."""
         s = self.settings
         if s.inference_inline != "auto":
             return s.inference_inline == "on"
-        if (not s.warmup or s.inference_workers != 1
+        if (not s.warmup or workers != 1
                 or classifier.provider != "CPUExecutionProvider"):
             return False
         c, h, w = classifier.metadata.input_shape[1:]

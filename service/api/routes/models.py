@@ -33,7 +33,8 @@ async def models(runtime: RuntimeDep) -> ModelsResponse:
             "max_batch_size": s.max_batch_size,
             "max_wait_ms": s.max_wait_ms,
             "max_queue_images": s.max_queue_images,
-            "inference_workers": s.inference_workers,
+            "inference_workers": runtime.batcher.workers if runtime.batcher else
+            s.inference_workers,
             "buckets": getattr(classifier, "buckets", []),
             "request_timeout_s": s.request_timeout_s,
         },
