@@ -12,6 +12,7 @@ from starlette.types import Receive, Scope, Send
 from service import __version__
 from service.api import handlers
 from service.api.front import DirectRoute, Front
+from service.api.openapi import with_runtime_values
 from service.api.routes import classify, health, models, v2
 from service.auth import ApiKeys
 from service.config import Settings
@@ -68,3 +69,6 @@ class ImgServe(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._front(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        return with_runtime_values(super().openapi(), self._front.runtime)

@@ -50,7 +50,7 @@ class InferRequest:
 
 
 def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
-    params = obj.get("parameters") or {}
+    params = obj.get("parameters", {})
     if not isinstance(params, dict):
         raise ProtocolError(f"{where}: 'parameters' must be an object")
     return params
@@ -79,12 +79,22 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
 
 
 def _shape(value: Any) -> list[int]:
-    if (not isinstance(value, list) or not value
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                       for d in value)):
+    dims = [_integer(d) for d in value] if isinstance(value, list) else []
+    if not dims or any(d is None or d < 0 for d in dims):
         raise ProtocolError(f"'shape' must be a non-empty list of non-negative integers, "
                             f"got {value!r}")
-    return list(value)
+    return [int(d) for d in dims if d is not None]
+
+
+def _integer(value: Any) -> int | None:
+    """A JSON integer (2, or 2.0 as JSON Schema allows), else None; booleans are not numbers."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
 
 
 def _bytes_elements(raw: bytes) -> list[bytes]:
@@ -130,7 +140,9 @@ def parse_infer(request: dict[str, Any], tail: bytes, meta: ModelMetadata,
     elif "data" not in spec:
         raise ProtocolError(f"input {name!r} has no 'data'")
     req_id = request.get("id")
-    out = InferRequest(id=str(req_id) if req_id is not None else None, input_name=name,
+    if "id" in request and not isinstance(req_id, str):
+        raise ProtocolError("'id' must be a string")
+    out = InferRequest(id=req_id, input_name=name,
                        datatype=str(datatype), shape=shape)
     if shape[0] < 1:
         raise ProtocolError("the batch dimension must be at least 1")
@@ -195,11 +207,18 @@ def _images(spec: dict[str, Any], shape: list[int], raw: bytes | None) -> list[b
     return items
 
 
+def _flag(params: dict[str, Any], key: str, default: bool) -> bool:
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"parameter {key!r} must be true or false, got {value!r}")
+    return value
+
+
 def _requested_output(request: dict[str, Any], meta: ModelMetadata) -> RequestedOutput:
-    binary_default = bool(_params(request, "request").get("binary_data_output", False))
-    outputs = request.get("outputs")
-    if outputs is None:
+    binary_default = _flag(_params(request, "request"), "binary_data_output", False)
+    if "outputs" not in request:
         return RequestedOutput(binary=binary_default)
+    outputs = request["outputs"]
     if not isinstance(outputs, list) or len(outputs) != 1 or not isinstance(outputs[0], dict):
         raise ProtocolError(f"request at most the one output, {meta.output_name!r}")
     spec = outputs[0]
@@ -207,11 +226,11 @@ def _requested_output(request: dict[str, Any], meta: ModelMetadata) -> Requested
         raise ProtocolError(f"unknown output {spec.get('name')!r}; this model's output is "
                             f"{meta.output_name!r}")
     params = _params(spec, f"output {meta.output_name!r}")
-    k = params.get("classification", 0)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+    k = _integer(params.get("classification", 0))
+    if k is None or k < 0:
         raise ProtocolError("classification must be an integer >= 1 (classes to return)")
     # More classes than the model has: all of them, best first, as /v1's top_k.
-    return RequestedOutput(binary=bool(params.get("binary_data", binary_default)),
+    return RequestedOutput(binary=_flag(params, "binary_data", binary_default),
                            classification=min(k, meta.num_classes))
 
 

@@ -30,15 +30,21 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         504: "still queued at the request deadline",
     }.items()
 }
+RAW = {"schema": {"type": "string", "format": "binary", "minLength": 1}}
 BODY_DOC = {
     "requestBody": {
-        "description": "One image as the raw body, or multipart fields named `file`.",
+        "required": True,
+        "description": "One image as the raw body (its format is recognised from its bytes; "
+                       "no Content-Type or curl's x-www-form-urlencoded are accepted too), or "
+                       "multipart fields named `file`.",
         "content": {
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
-                "type": "array", "items": {"type": "string", "format": "binary"}}}}},
+            "image/png": RAW,
+            "image/jpeg": RAW,
+            "application/octet-stream": RAW,
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                               "properties": {"file": {
+                "type": "array", "minItems": 1, "maxItems": 64,
+                "items": {"type": "string", "format": "binary"}}}}},
         },
     }
 }

@@ -122,13 +122,55 @@ async def handle_infer(request: Request, runtime: Runtime, params: dict[str, str
                     headers={"Inference-Header-Content-Length": str(header_length)})
 
 
-INFER_DOC = {"requestBody": {"content": {
-    "application/json": {"schema": {"type": "object"}, "example": {
-        "inputs": [{"name": "input", "datatype": "BYTES", "shape": [1],
-                    "data": ["<base64 of a PNG or JPEG file>"]}],
-        "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}]}},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-}}}
+EXAMPLE_PNG_BASE64 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNoAAAAggCBd81yt"
+                      "gAAAABJRU5ErkJggg==")  # a 1x1 grey PNG: the example runs as it stands
+TENSOR = {"type": "object", "required": ["name", "datatype", "shape", "data"], "properties": {
+    "name": {"type": "string", "description": "the model's input name"},
+    "datatype": {"type": "string", "enum": ["FP32", "BYTES"]},
+    "shape": {"type": "array", "minItems": 1, "maxItems": 4,
+              "items": {"type": "integer", "minimum": 1, "maximum": 64},
+              "description": "FP32: [N, C, H, W] as the model's input; BYTES: [N] or [N, 1]"},
+    "data": {"type": "array", "minItems": 1,
+             "description": "FP32: pixels in [0, 1], flat or nested, N*C*H*W of them; BYTES: "
+                            "base64 of an encoded image (PNG, JPEG, ...) per element"},
+    "parameters": {"type": "object"},
+}}
+OUTPUT = {"type": "object", "required": ["name"], "properties": {
+    "name": {"type": "string", "description": "the model's output name"},
+    "parameters": {"type": "object", "properties": {
+        "classification": {"type": "integer", "minimum": 0,
+                           "description": "return the k best classes as 'score:index:label'"},
+        "binary_data": {"type": "boolean"}}},
+}}
+INFER_REQUEST = {"type": "object", "required": ["inputs"], "properties": {
+    "id": {"type": "string"},
+    "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+    "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": TENSOR},
+    "outputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": OUTPUT},
+}}
+INFER_RESPONSE = {"type": "object", "required": ["model_name", "outputs"], "properties": {
+    "model_name": {"type": "string"}, "model_version": {"type": "string"},
+    "id": {"type": "string"},
+    "outputs": {"type": "array", "items": {"type": "object", "required": [
+        "name", "datatype", "shape"], "properties": {
+        "name": {"type": "string"}, "datatype": {"type": "string", "enum": ["FP32", "BYTES"]},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "data": {"type": "array"}, "parameters": {"type": "object"}}}},
+}}
+INFER_DOC = {
+    "requestBody": {"required": True, "description": (
+        "The JSON form is described here. Triton's binary tensor data extension is accepted too: "
+        "the same JSON header followed by the raw tensor bytes, with the header's length in "
+        "the Inference-Header-Content-Length header."),
+        "content": {"application/json": {"schema": INFER_REQUEST, "example": {
+            "inputs": [{"name": "input", "datatype": "BYTES", "shape": [1],
+                        "data": [EXAMPLE_PNG_BASE64]}],
+            "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}]}}}},
+    "responses": {"200": {"description": "the output tensor (binary data when asked for)",
+                          "content": {"application/json": {"schema": INFER_RESPONSE},
+                                      "application/octet-stream": {"schema": {
+                                          "type": "string", "format": "binary"}}}}},
+}
 
 
 DIRECT = [DirectRoute("POST", "/v2/models/{name}/infer", handle_infer),
