@@ -46,13 +46,6 @@ class PayloadTooLarge(ServiceError):
     type = "payload_too_large"
 
 
-class RequestTimeout(ServiceError):
-    """The request body did not arrive in time; the connection is closed after the answer."""
-
-    status_code = 408
-    type = "request_timeout"
-
-
 class Overloaded(ServiceError):
     """The queue is full; the client should retry after ``retry_after`` seconds."""
 

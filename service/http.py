@@ -3,10 +3,10 @@
 - One write per response: uvicorn writes the status line and headers, then the body, as two
   socket writes (two packets on loopback). Writes made during one turn of the event loop are
   joined and written at the end of it, which for a small JSON answer halves the syscalls.
-- A deadline for request headers: a connection that has not sent a request's headers within
-  ``header_timeout_s`` of opening (or of the request's first byte) gets 408 and is closed, so a
-  client sending a byte at a time cannot hold a connection. The body's deadline is enforced
-  where the body is read (``service.api.body``).
+- Deadlines for a request's headers and body: a connection that has not sent a request's
+  headers within ``header_timeout_s`` of opening (or of the request's first byte), or its body
+  within ``body_timeout_s`` of the headers, gets 408 and is closed, so a client sending a byte
+  at a time cannot hold a connection. A timer runs only while a request is incomplete.
 - A cap on open connections per worker: past ``max_connections``, a request gets 503 with
   ``Retry-After`` and the connection is closed, before any work is done for it.
 
@@ -63,11 +63,14 @@ class _OneWritePerTurn:
 
 class Protocol(HttpToolsProtocol):
     header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     max_connections: int = 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_bytes = 0
         self._over_cap = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -77,6 +80,7 @@ class Protocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -92,7 +96,17 @@ class Protocol(HttpToolsProtocol):
                 f"this worker has {len(self.connections)} open connections (limit "
                 f"{self.max_connections}); retry shortly", b"retry-after: 1\r\n"))
             return
+        self._body_bytes = 0
+        self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_timeout)
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._cancel_body_timer()
+        super().on_message_complete()
 
     def on_response_complete(self) -> None:
         self.transport.flush()  # type: ignore[attr-defined]  # the answer is whole: send it now
@@ -105,6 +119,20 @@ class Protocol(HttpToolsProtocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timeout(self) -> None:
+        self._body_timer = None
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()  # answered already (a refusal); the rest is not wanted
+            return
+        self._refuse(raw_error("408 Request Timeout", "request_timeout",
+                               f"the request body did not arrive within {self.body_timeout_s:g} "
+                               f"s ({self._body_bytes} bytes received)"))
 
     def _header_timeout(self) -> None:
         self._header_timer = None
@@ -120,7 +148,9 @@ class Protocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def protocol_class(header_timeout_s: float, max_connections: int) -> type[Protocol]:
+def protocol_class(header_timeout_s: float, body_timeout_s: float,
+                   max_connections: int) -> type[Protocol]:
     """The protocol with these limits, for ``uvicorn.Config(http=...)``."""
     return type("ServiceProtocol", (Protocol,), {"header_timeout_s": header_timeout_s,
+                                                 "body_timeout_s": body_timeout_s,
                                                  "max_connections": max_connections})

@@ -102,7 +102,8 @@ def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
         server_header=False, timeout_keep_alive=5,
         # Nothing here uses the client's address, so X-Forwarded-* need not be parsed.
         proxy_headers=False,
-        http=protocol_class(settings.header_timeout_s, settings.max_connections),
+        http=protocol_class(settings.header_timeout_s, settings.body_timeout_s,
+                            settings.max_connections),
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -15,7 +14,6 @@ from service.errors import (
     ClientClosedRequest,
     InvalidRequest,
     PayloadTooLarge,
-    RequestTimeout,
     UnsupportedMediaType,
 )
 
@@ -30,9 +28,9 @@ class Upload:
     data: bytes
 
 
-async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    """The whole body, refusing (413) as soon as it passes ``limit`` bytes, before buffering it,
-    and (408) when it has not all arrived within ``timeout_s``."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing (413) as soon as it passes ``limit`` bytes, before buffering it.
+    (A body that does not arrive in time is the connection protocol's business: service.http.)"""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -43,25 +41,20 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     chunks = []
     size = 0
     try:
-        async with asyncio.timeout(timeout_s):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-                chunks.append(chunk)
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+            chunks.append(chunk)
     except ClientDisconnect:
         raise ClientClosedRequest("the client disconnected before sending the whole body") from None
-    except TimeoutError:
-        raise RequestTimeout(f"the request body did not arrive within {timeout_s:g} s "
-                             f"({size} bytes received)") from None
     return b"".join(chunks)
 
 
-async def read_images(request: Request, limit: int, max_images: int,
-                      timeout_s: float) -> list[Upload]:
+async def read_images(request: Request, limit: int, max_images: int) -> list[Upload]:
     """One raw image body, or the ``file`` fields of a multipart form, in request order."""
     content_type = request.headers.get("content-type", "application/octet-stream").lower()
-    body = await read_body(request, limit, timeout_s)
+    body = await read_body(request, limit)
     if content_type.startswith("multipart/form-data"):
         return await _parse_multipart(request, body, max_images)
     if not content_type.startswith(RAW_TYPES):

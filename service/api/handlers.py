@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import Overloaded, RequestTimeout, ServiceError
+from service.errors import Overloaded, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,6 @@ def error_response(exc: ServiceError, path: str = "") -> JSONResponse:
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Overloaded) else None
     if exc.status_code == 503 and headers is None:
         headers = {"Retry-After": "1"}
-    if isinstance(exc, RequestTimeout):  # the rest of the body may still be on its way
-        headers = {"Connection": "close"}
     return JSONResponse(error_payload(path, exc.type, exc.message), exc.status_code,
                         headers=headers)
 

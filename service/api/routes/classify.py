@@ -77,8 +77,7 @@ async def handle_classify(request: Request, runtime: Runtime,
     meta = classifier.metadata
     k = query_top_k(request)
     s = runtime.settings
-    uploads = await read_images(request, s.max_body_bytes, s.max_images_per_request,
-                                s.body_timeout_s)
+    uploads = await read_images(request, s.max_body_bytes, s.max_images_per_request)
     decoded = await runtime.decode([u.data for u in uploads])
     good = [d for d in decoded if isinstance(d, np.ndarray)]
     if not good:

@@ -100,7 +100,7 @@ async def handle_infer(request: Request, runtime: Runtime, params: dict[str, str
     if encoding != "identity":
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported")
     s = runtime.settings
-    body = await read_body(request, s.max_body_bytes, s.body_timeout_s)
+    body = await read_body(request, s.max_body_bytes)
     head, tail = split_body(body, request.headers.get("inference-header-content-length"))
     req = parse_infer(head, tail, meta, s.max_images_per_request)
     if req.tensor is not None:
