@@ -123,7 +123,6 @@ class Front:
         await response(scope, receive, send)
 
 
-
 def header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope["headers"]:
         if key == name:
