@@ -28,6 +28,7 @@ _RESAMPLE = {
     "hamming": Image.Resampling.HAMMING,
 }
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+RESIZE_POLICIES = ("stretch", "center_crop")
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,17 @@ class PreprocessSpec:
     normalization: str = "in_graph"
     mean: tuple[float, ...] = field(default_factory=tuple)
     std: tuple[float, ...] = field(default_factory=tuple)
+    # "stretch": resize to height x width whatever the aspect ratio (the seed CNN's policy);
+    # "center_crop": scale so the image covers (height, width) / crop_fraction, keeping its
+    # aspect ratio, then cut out the centre: how ImageNet models are trained and evaluated.
+    resize: str = "stretch"
+    crop_fraction: float = 0.875
 
     def __post_init__(self) -> None:
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
+        if not 0 < self.crop_fraction <= 1:
+            raise ValueError(f"crop_fraction must be in (0, 1], got {self.crop_fraction}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.height < 1 or self.width < 1:
@@ -77,7 +87,16 @@ class PreprocessSpec:
             normalization=str(data.get("normalization", "in_graph")),
             mean=tuple(float(v) for v in data.get("mean", ())),
             std=tuple(float(v) for v in data.get("std", ())),
+            resize=str(data.get("resize", "stretch")),
+            crop_fraction=float(data.get("crop_fraction", 0.875)),
         )
+
+    def scaled_size(self, width: int, height: int) -> tuple[int, int]:
+        """The size an image of ``width`` x ``height`` is resized to before any crop."""
+        if self.resize == "stretch":
+            return self.width, self.height
+        scale = max(self.width / width, self.height / height) / self.crop_fraction
+        return max(self.width, round(width * scale)), max(self.height, round(height * scale))
 
 
 def _open(data: bytes) -> Image.Image:
@@ -150,7 +169,7 @@ def pixels_of(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
         if img.format == "JPEG":
             # Decode at a reduced DCT scale when the target is much smaller: the cost then stops
             # growing with megapixels. draft() keeps the result at least as large as asked.
-            img.draft(spec.color_mode, (spec.width, spec.height))
+            img.draft(spec.color_mode, spec.scaled_size(*img.size))
         try:
             img.load()
             oriented = ImageOps.exif_transpose(img)
@@ -159,8 +178,12 @@ def pixels_of(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
         except Exception as exc:  # truncated or corrupt data: every decoder raises its own type
             raise InvalidImage(f"cannot decode the image: {exc}") from exc
         out = _to_mode(oriented, spec.color_mode)
-        if out.size != (spec.width, spec.height):
-            out = out.resize((spec.width, spec.height), _RESAMPLE[spec.interpolation])
+        scaled = spec.scaled_size(*out.size)
+        if out.size != scaled:
+            out = out.resize(scaled, _RESAMPLE[spec.interpolation])
+        if scaled != (spec.width, spec.height):  # center_crop
+            left, top = (scaled[0] - spec.width) // 2, (scaled[1] - spec.height) // 2
+            out = out.crop((left, top, left + spec.width, top + spec.height))
         pixels = np.asarray(out, dtype=np.uint8)
     finally:
         img.close()

@@ -36,6 +36,8 @@ class TrainConfig:
     amp: str = _f("auto", "mixed precision: auto (bf16 where supported), bf16, fp16 or off")
     interpolation: str = _f("bilinear", "resize filter for folder images; stored in the model")
     image_size: int = _f(0, "square input size for folder data; 0 picks it from the images")
+    resize: str = _f("stretch", "stretch (to the input size) or center_crop (keep the aspect "
+                     "ratio, cut out the centre); stored in the model, used by serving too")
     channels: int = _f(0, "1 (grey) or 3 (RGB) for folder data; 0 picks it from the images")
     limit: int = _f(0, "use only the first N images of each split (0 = all); for quick runs")
     threads: int = _f(0, "CPU threads for torch; 0 = all available cores")

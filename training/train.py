@@ -9,6 +9,7 @@ Runs on one CPU or GPU, or under ``torchrun --nproc_per_node N`` with Distribute
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -180,14 +181,14 @@ def _train(
 
     # --- data -----------------------------------------------------------------------------
     spec = None
-    if cfg.image_size or cfg.channels:
+    if cfg.image_size or cfg.channels or cfg.resize != "stretch":
         spec = PreprocessSpec(cfg.image_size or 64, cfg.image_size or 64, cfg.channels or 3,
-                              cfg.interpolation)
+                              cfg.interpolation, resize=cfg.resize)
     data = load_data(cfg.data, cfg.val_fraction, cfg.seed, spec=spec,
                      interpolation=cfg.interpolation, limit=cfg.limit)
     mean, std = channel_stats(data.train.images)
-    data.spec = PreprocessSpec(data.spec.height, data.spec.width, data.spec.channels,
-                               data.spec.interpolation, "in_graph", tuple(mean), tuple(std))
+    data.spec = dataclasses.replace(data.spec, normalization="in_graph", mean=tuple(mean),
+                                    std=tuple(std))
     images = data.train.images.to(device)
     labels = data.train.labels.to(device)
     augment = PRESETS[cfg.augment]

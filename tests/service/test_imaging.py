@@ -177,3 +177,34 @@ def test_corrupted_png_never_escapes(cut: int, flip: int) -> None:
         assert out.shape == (1, 28, 28)
     except (InvalidImage, UnsupportedMediaType, PayloadTooLarge):
         pass
+
+
+def test_center_crop_keeps_the_aspect_ratio_and_the_middle() -> None:
+    """A 200x100 image, black at both ends and white in the middle 100 columns: cropped to the
+    centre it is all white; stretched, the black ends stay in."""
+    pixels = np.zeros((100, 200), np.uint8)
+    pixels[:, 50:150] = 255
+    data = encode(Image.fromarray(pixels), "PNG")
+    crop = decode_image(data, PreprocessSpec(50, 50, 1, resize="center_crop", crop_fraction=1.0))
+    assert crop.shape == (1, 50, 50) and crop[:, :, 2:-2].min() >= 250  # edges: filter blur
+    stretched = decode_image(data, PreprocessSpec(50, 50, 1))
+    assert stretched[:, :, :10].max() <= 5 and stretched[:, :, 20:30].min() >= 250
+    # crop_fraction 0.5: the image is scaled to cover 100x100, so the crop sees the middle half
+    half = decode_image(data, PreprocessSpec(50, 50, 1, resize="center_crop", crop_fraction=0.5))
+    assert half[:, :, 2:-2].min() >= 250
+
+
+def test_center_crop_of_a_jpeg_photo_uses_draft_and_keeps_its_size() -> None:
+    photo = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    spec = PreprocessSpec(224, 224, 3, resize="center_crop")
+    assert spec.scaled_size(640, 480) == (341, 256)
+    assert decode_image(encode(Image.fromarray(photo), "JPEG"), spec).shape == (3, 224, 224)
+
+
+def test_resize_policy_travels_in_the_metadata() -> None:
+    spec = PreprocessSpec(224, 224, 3, resize="center_crop", crop_fraction=0.875)
+    assert PreprocessSpec.from_json(spec.to_json()) == spec
+    assert PreprocessSpec.from_json('{"height": 28, "width": 28, "channels": 1}').resize == \
+        "stretch"  # files exported before the policy existed
+    with pytest.raises(ValueError, match="resize"):
+        PreprocessSpec(8, 8, 1, resize="squash")
