@@ -1,4 +1,5 @@
-"""Command line: ``python -m training {train,evaluate,export,write-folder}``; it only parses."""
+"""Command line: ``python -m training {train,evaluate,export,export-imagenet,write-folder}``;
+it only parses."""
 
 from __future__ import annotations
 
@@ -64,6 +65,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_imagenet(args: argparse.Namespace) -> int:
+    from training.pretrained import export_imagenet_lite0
+
+    worst = export_imagenet_lite0(Path(args.out), args.version)
+    print(json.dumps({"out": args.out, "max_abs_diff_vs_torch": worst}))
+    return 0
+
+
 def _cmd_write_folder(args: argparse.Namespace) -> int:
     from training.data import FASHION_MNIST_DIR, load_fashion_mnist, write_image_folder
 
@@ -100,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="model name in the metadata (default: the architecture)")
     p.add_argument("--version", default="1", help="model version in the metadata")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("export-imagenet", help="export the pretrained ImageNet photo model",
+                       description="Export EfficientNet-Lite0 with its ImageNet-1k weights and "
+                       "class names (from installed packages; nothing is downloaded).")
+    p.add_argument("--out", default="models/efficientnet_lite0_imagenet.onnx",
+                   help="ONNX file to write")
+    p.add_argument("--version", default="1", help="model version in the metadata")
+    p.set_defaults(func=_cmd_export_imagenet)
 
     p = sub.add_parser("write-folder", help="write Fashion-MNIST as an image folder of PNGs",
                        description="Write <out>/<class>/<n>.png from the Fashion-MNIST idx files.")

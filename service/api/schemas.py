@@ -47,6 +47,8 @@ class Preprocessing(BaseModel):
     mean: list[float]
     std: list[float]
     input_scale: str
+    resize: str = Field(examples=["center_crop"])
+    crop_fraction: float = Field(examples=[0.875])
 
 
 class Batching(BaseModel):
