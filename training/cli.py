@@ -16,6 +16,10 @@ from training.config import TINY, TrainConfig
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):  # --pretrained / --no-pretrained
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{f.metadata['help']} (default: {f.default})")
+            continue
         parser.add_argument(flag, type=type(f.default), default=None,
                             help=f"{f.metadata['help']} (default: {f.default})")
 

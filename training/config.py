@@ -17,7 +17,8 @@ def _f(default: Any, help: str) -> Any:
 @dataclass
 class TrainConfig:
     data: str = _f("fashion-mnist", "'fashion-mnist' or an image folder <root>/<class>/*")
-    model: str = _f("seed_cnn", "model name from the registry (seed_cnn, resnet_small)")
+    model: str = _f("seed_cnn", "model name from the registry (seed_cnn, resnet_small, "
+                    "efficientnet_lite0)")
     out: str = _f("runs/train", "output folder for checkpoints, metrics and plots")
     epochs: int = _f(30, "passes over the training set; early stopping usually ends sooner")
     batch_size: int = _f(128, "images per step; 128 keeps 2 CPU cores busy, 32 is the classic")
@@ -39,6 +40,12 @@ class TrainConfig:
     resize: str = _f("stretch", "stretch (to the input size) or center_crop (keep the aspect "
                      "ratio, cut out the centre); stored in the model, used by serving too")
     channels: int = _f(0, "1 (grey) or 3 (RGB) for folder data; 0 picks it from the images")
+    pretrained: bool = _f(False, "start from ImageNet weights (efficientnet_lite0): a new head, "
+                          "the backbone frozen for --freeze-epochs, then slower")
+    freeze_epochs: int = _f(3, "with --pretrained: epochs in which only the new head learns")
+    backbone_lr_scale: float = _f(0.1, "with --pretrained: the backbone's learning rate once "
+                                  "thawed, relative to --lr; small, so ImageNet features move "
+                                  "slowly")
     limit: int = _f(0, "use only the first N images of each split (0 = all); for quick runs")
     threads: int = _f(0, "CPU threads for torch; 0 = all available cores")
 

@@ -1,4 +1,5 @@
-"""Model registry: the seed CNN this project starts from and a stronger compact ResNet.
+"""Model registry: the seed CNN this project starts from, a stronger compact ResNet, and
+EfficientNet-Lite0, which can start from ImageNet weights (``training.finetune``).
 
 Every model is wrapped as ``Normalize -> network``: the network sees normalised pixels, while the
 whole module (and so the exported ONNX graph) takes raw pixels in [0, 1]. Outputs are logits;
@@ -94,7 +95,29 @@ def resnet_small(channels: int, num_classes: int, height: int, width: int) -> nn
     return nn.Sequential(*layers)
 
 
-REGISTRY: dict[str, ModelFactory] = {"seed_cnn": seed_cnn, "resnet_small": resnet_small}
+class GreyToRGB(nn.Module):
+    """One grey channel repeated into three, for backbones pretrained on colour photographs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(-1, 3, -1, -1)
+
+
+def efficientnet_lite0(channels: int, num_classes: int, height: int, width: int) -> nn.Module:
+    """EfficientNet-Lite0 (``training.efficientnet_lite``) for square inputs; grey images are fed
+    as three equal channels. ``--pretrained`` starts it from ImageNet weights."""
+    from training.efficientnet_lite import EfficientNetLite0
+
+    if height != width:
+        raise ValueError(f"efficientnet_lite0 needs square inputs, got {height}x{width}")
+    if height < 32:
+        raise ValueError(f"efficientnet_lite0 needs inputs of at least 32x32 (96-224 suit it), "
+                         f"got {height}x{width}; set --image-size")
+    net = EfficientNetLite0(num_classes, image_size=height)
+    return nn.Sequential(GreyToRGB(), net) if channels == 1 else net
+
+
+REGISTRY: dict[str, ModelFactory] = {"seed_cnn": seed_cnn, "resnet_small": resnet_small,
+                                     "efficientnet_lite0": efficientnet_lite0}
 
 
 def build_model(

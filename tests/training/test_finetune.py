@@ -1,0 +1,53 @@
+"""Transfer learning end to end, small enough for CI: a folder of real Fashion-MNIST images,
+EfficientNet-Lite0 from ImageNet weights with a new head (backbone frozen for the first epoch,
+then slower), exported and checked against torch, as the README tells it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from training.config import TrainConfig
+from training.finetune import FineTune
+from training.models import build_model
+from training.train import load_checkpoint
+
+
+def test_pretrained_fine_tune_from_the_command_line(tmp_path: Path) -> None:
+    data, run = tmp_path / "data", tmp_path / "run"
+    cmd = [sys.executable, "-m", "training"]
+    subprocess.run([*cmd, "write-folder", "--out", str(data), "--classes", "Trouser,Bag,Sandal",
+                    "--per-class", "16"], check=True, capture_output=True)
+    out = subprocess.run([*cmd, "train", "--data", str(data), "--model", "efficientnet_lite0",
+                          "--pretrained", "--image-size", "64", "--epochs", "2",
+                          "--freeze-epochs", "1", "--batch-size", "16", "--augment", "none",
+                          "--threads", "2", "--out", str(run)],
+                         check=True, capture_output=True, text=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["epochs_run"] == 2
+    ckpt = load_checkpoint(run)
+    assert TrainConfig.from_dict(ckpt["config"]).pretrained
+    out = subprocess.run([*cmd, "export", str(run), "--out", str(tmp_path / "ft.onnx")],
+                         check=True, capture_output=True, text=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["max_abs_diff_vs_torch"] <= 1e-5
+
+
+def test_the_backbone_is_frozen_then_thawed_and_keeps_its_statistics() -> None:
+    model = build_model("efficientnet_lite0", 1, 4, 64, 64, (0.449,), (0.226,))
+    fine = FineTune(model, freeze_epochs=1, backbone_lr_scale=0.1)
+    fine.load_imagenet()
+    stem = fine.net._conv_stem.weight
+    assert not torch.equal(stem, torch.zeros_like(stem))  # ImageNet weights, not random
+    model.train()
+    fine.start_epoch(0)
+    assert not any(p.requires_grad for p in fine.backbone)
+    assert all(p.requires_grad for p in fine.head)
+    assert not fine.net._bn0.training  # ImageNet statistics kept
+    fine.start_epoch(1)
+    assert all(p.requires_grad for p in fine.backbone) and not fine.net._bn0.training
+    groups = fine.param_groups(1e-3)
+    assert [g["lr"] for g in groups] == [1e-3, 1e-4]
+    assert model(torch.rand(2, 1, 64, 64)).shape == (2, 4)  # grey in, as three channels
