@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn import metrics as skm
 
+from service.imaging import PreprocessSpec
 from training.config import TrainConfig
 from training.data import FASHION_MNIST, ImageSet, load_data
 from training.train import load_checkpoint, model_from_checkpoint, predict_proba
@@ -133,10 +134,12 @@ def plot_history(metrics_jsonl: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def evaluation_set(cfg: TrainConfig) -> tuple[ImageSet, str]:
-    """The test split if the data has one, else the seeded validation split."""
-    splits = load_data(cfg.data, cfg.val_fraction, cfg.seed, limit=0 if cfg.data == FASHION_MNIST
-                       else cfg.limit, interpolation=cfg.interpolation)
+def evaluation_set(cfg: TrainConfig, spec: PreprocessSpec | None = None) -> tuple[ImageSet, str]:
+    """The test split if the data has one, else the seeded validation split, decoded with the
+    model's own preprocessing (its size, channels and resize policy)."""
+    splits = load_data(cfg.data, cfg.val_fraction, cfg.seed, spec=spec,
+                       limit=0 if cfg.data == FASHION_MNIST else cfg.limit,
+                       interpolation=cfg.interpolation)
     if splits.test is not None:
         return splits.test, "test"
     return splits.val, "validation"
@@ -145,9 +148,9 @@ def evaluation_set(cfg: TrainConfig) -> tuple[ImageSet, str]:
 def evaluate_run(run: Path, out: Path | None = None) -> dict[str, Any]:
     """Evaluate a run's best checkpoint; writes ``<run>/eval/`` and returns the metrics."""
     ckpt = load_checkpoint(run)
-    model, _ = model_from_checkpoint(ckpt)
+    model, spec = model_from_checkpoint(ckpt)
     cfg = TrainConfig.from_dict(ckpt["config"])
-    data, split = evaluation_set(cfg)
+    data, split = evaluation_set(cfg, spec)
     probs = predict_proba(model, data.images).numpy()
     y = data.labels.numpy()
     m = classification_metrics(y, probs, data.classes)

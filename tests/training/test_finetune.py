@@ -30,6 +30,9 @@ def test_pretrained_fine_tune_from_the_command_line(tmp_path: Path) -> None:
     assert json.loads(out.stdout.strip().splitlines()[-1])["epochs_run"] == 2
     ckpt = load_checkpoint(run)
     assert TrainConfig.from_dict(ckpt["config"]).pretrained
+    evaluated = subprocess.run([*cmd, "evaluate", str(run)], check=True, capture_output=True,
+                               text=True)
+    assert "accuracy" in evaluated.stdout.lower()
     out = subprocess.run([*cmd, "export", str(run), "--out", str(tmp_path / "ft.onnx")],
                          check=True, capture_output=True, text=True)
     assert json.loads(out.stdout.strip().splitlines()[-1])["max_abs_diff_vs_torch"] <= 1e-5
