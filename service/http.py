@@ -22,10 +22,12 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.api.handlers import error_body
+
 
 def raw_error(status: str, type_: str, message: str, extra: bytes = b"") -> bytes:
     """A complete HTTP/1.1 error response that closes the connection."""
-    body = json.dumps({"error": {"type": type_, "message": message}}).encode()
+    body = json.dumps(error_body(type_, message)).encode()
     return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
             f"content-length: {len(body)}\r\nconnection: close\r\n").encode() + extra + \
         b"\r\n" + body

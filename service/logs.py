@@ -1,4 +1,5 @@
-"""Logging set-up: plain text or one JSON object per line."""
+"""Logging set-up: plain text or one JSON object per line; the access log writes its own
+lines in the same two shapes (see :class:`AccessLog`)."""
 
 from __future__ import annotations
 
@@ -18,27 +19,17 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        http = getattr(record, "http", None)
-        if http:
-            out.update(http)
         if record.exc_info:
             out["exc_info"] = self.formatException(record.exc_info)
         return json.dumps(out)
 
 
-class TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        http = getattr(record, "http", None)
-        if http:
-            text += " " + " ".join(f"{k}={v}" for k, v in http.items())
-        return text
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def configure(level: str = "info", json_lines: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
