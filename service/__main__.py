@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         epilog=_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="TCP port (default 8000)")
-    parser.add_argument("--model", type=Path, help="ONNX model file (default: the shipped model)")
+    parser.add_argument("--model", type=Path, help="ONNX model file, or a model repository "
+                        "directory (default: the shipped model)")
     parser.add_argument("--workers", type=int,
                         help="server processes (default: one per CPU core on CPU, 1 on CUDA)")
     args = parser.parse_args(argv)
@@ -42,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return 2
     configure(settings.log_level, settings.log_json)
-    if not settings.model_path.is_file():
-        log.error("model file %s not found (set --model or IMGSERVE_MODEL_PATH)",
+    if not settings.model_path.exists():
+        log.error("model file or repository %s not found (set --model or IMGSERVE_MODEL_PATH)",
                   settings.model_path)
         return 2
     return serve(settings)

@@ -35,7 +35,7 @@ from service.errors import (
     Overloaded,
     ShuttingDown,
 )
-from service.metrics import Metrics
+from service.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Batcher:
         max_queue_images: int,
         workers: int = 1,
         inline: bool = False,
-        metrics: Metrics | None = None,
+        metrics: ModelMetrics | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")

@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.repository import VersionPolicy
+
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL = REPO_MODELS / "fashion_mnist_seed_cnn.onnx"
 
@@ -23,7 +25,24 @@ class Settings(BaseSettings):
     # --- server -----------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
-    model_path: Path = Field(DEFAULT_MODEL, description="ONNX model exported by training")
+    model_path: Path = Field(
+        DEFAULT_MODEL, description="an ONNX model exported by training, or a model repository "
+        "directory (<repo>/<name>/<version>/model.onnx, or <repo>/*.onnx named by their metadata)"
+    )
+    default_model: str = Field(
+        "", description="the model POST /v1/classify uses; empty = the only one in the repository"
+    )
+    version_policy: str = Field(
+        "latest:1", description="versions served per model: latest:N, all, or specific:V1,V2"
+    )
+    model_poll_s: float = Field(
+        0.0, ge=0, description="rescan the repository this often (seconds) and swap in new "
+        "versions; 0 = only at start and on SIGHUP"
+    )
+    required_models: str = Field(
+        "", description="comma-separated models that must be ready for /health/ready; empty = "
+        "every model found at start"
+    )
     log_json: bool = Field(False, description="one JSON object per log line")
     log_level: str = Field("info", description="debug, info, warning or error")
     access_log: bool = Field(True, description="one structured line per request")
@@ -137,6 +156,7 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.max_queue_images < self.max_images_per_request:
             raise ValueError("max_queue_images must hold at least max_images_per_request")
+        VersionPolicy(self.version_policy)  # raises ValueError with the accepted forms
         if self.api_keys_file is not None and not self.api_keys_file.is_file():
             raise ValueError(f"api_keys_file {self.api_keys_file} is not a readable file")
         return self

@@ -7,6 +7,7 @@ in files under ``metrics_dir``; :meth:`Metrics.exposition` then reports the sum 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -30,28 +31,39 @@ class Metrics:
         self.request_latency = Histogram("imgserve_request_duration_seconds",
                                          "HTTP request latency", ["route"],
                                          buckets=LATENCY_BUCKETS, registry=r)
+        per_model = ["model", "version"]  # bounded: the versions the policy serves
         self.queue_wait = Histogram("imgserve_queue_wait_seconds",
-                                    "time from enqueue to the start of the model call",
+                                    "time from enqueue to the start of the model call", per_model,
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.inference = Histogram("imgserve_inference_duration_seconds",
-                                   "model call duration per batch", buckets=LATENCY_BUCKETS,
-                                   registry=r)
+                                   "model call duration per batch", per_model,
+                                   buckets=LATENCY_BUCKETS, registry=r)
         self.decode = Histogram("imgserve_decode_duration_seconds", "image decode time per image",
                                 buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("imgserve_batch_size_images", "images per model call",
-                                    buckets=BATCH_BUCKETS, registry=r)
+                                    per_model, buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("imgserve_queue_depth_images", "images waiting for the model",
-                                 multiprocess_mode="livesum", registry=r)
+                                 per_model, multiprocess_mode="livesum", registry=r)
         self.rejected = Counter("imgserve_rejected_requests_total",
                                 "requests refused before inference, by reason", ["reason"],
                                 registry=r)
         self.images = Counter("imgserve_images_classified_total", "images classified",
-                              registry=r)
+                              per_model, registry=r)
         self.batch_failures = Counter("imgserve_batch_failures_total",
-                                      "model calls that raised", registry=r)
-        self.model_info = Gauge("imgserve_model_info", "the loaded model (value is always 1)",
+                                      "model calls that raised", per_model, registry=r)
+        self.model_info = Gauge("imgserve_model_info", "a served model version (value 1)",
                                 ["name", "version", "provider"], multiprocess_mode="livemax",
                                 registry=r)
+        self.model_loads = Counter("imgserve_model_loads_total",
+                                   "model version loads from the repository, by outcome",
+                                   ["model", "outcome"], registry=r)
+        self.model_swaps = Counter("imgserve_model_swaps_total",
+                                   "changes of the versions a model serves", ["model"],
+                                   registry=r)
+        self.repository_problems = Gauge("imgserve_repository_problems",
+                                         "repository entries that cannot be served (failed "
+                                         "loads, conflicts) at the last scan",
+                                         multiprocess_mode="livemax", registry=r)
         self.ready = Gauge("imgserve_ready", "1 when the service is ready to serve",
                            multiprocess_mode="livemin", registry=r)
         self.gpu_memory_used = Gauge("imgserve_gpu_memory_used_bytes", "GPU memory in use (NVML)",
@@ -72,6 +84,9 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
+    def for_model(self, model: str, version: str) -> ModelMetrics:
+        return ModelMetrics(self, model, version)
+
     def exposition(self) -> bytes:
         """The Prometheus text format: this process's registry, or the sum over workers."""
         if self.multiprocess_dir is None:
@@ -79,3 +94,28 @@ class Metrics:
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=str(self.multiprocess_dir))
         return generate_latest(merged)
+
+
+class ModelMetrics:
+    """One model version's metrics, label children bound once (``labels()`` on every batch
+    would cost more than the update)."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self._parent = metrics
+        self._labels = (model, version)
+        self.rejected = metrics.rejected
+        self.queue_wait = metrics.queue_wait.labels(model, version)
+        self.inference = metrics.inference.labels(model, version)
+        self.batch_size = metrics.batch_size.labels(model, version)
+        self.queue_depth = metrics.queue_depth.labels(model, version)
+        self.images = metrics.images.labels(model, version)
+        self.batch_failures = metrics.batch_failures.labels(model, version)
+
+    def remove(self) -> None:
+        """Drop this version's series from this process's registry once it is unloaded (with
+        several workers, prometheus-client's multi-process files keep the last values)."""
+        m = self._parent
+        for metric in (m.queue_wait, m.inference, m.batch_size, m.queue_depth, m.images,
+                       m.batch_failures):
+            with contextlib.suppress(KeyError):
+                metric.remove(*self._labels)

@@ -237,3 +237,7 @@ class OnnxClassifier(Classifier):
 
     def warmup(self, batch_sizes: list[int]) -> None:
         super().warmup(self.buckets or batch_sizes)
+
+    def close(self) -> None:
+        """Free the session (and its memory arenas) now, not whenever the last reference goes."""
+        self.__dict__.pop("session", None)

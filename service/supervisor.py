@@ -15,6 +15,7 @@ workers, Prometheus metrics go through prometheus-client's multi-process mode so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import math
@@ -26,6 +27,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from types import FrameType
@@ -83,6 +85,26 @@ class DrainingServer(uvicorn.Server):
         self.runtime.begin_shutdown()
         super().handle_exit(sig, frame)
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's SIGTERM/SIGINT handling, plus SIGHUP: rescan the model repository now."""
+        if threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():
+                yield
+            return
+        loop = asyncio.get_running_loop()
+
+        def on_hup(sig: int, frame: FrameType | None) -> None:
+            log.info("SIGHUP: rescanning the model repository")
+            loop.call_soon_threadsafe(self.runtime.rescan)  # wakes the loop
+
+        previous = signal.signal(signal.SIGHUP, on_hup)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(signal.SIGHUP, previous)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         """Keep listening until the accepted requests are answered (at most the grace period),
         so that a client or load balancer meanwhile gets 503 with Retry-After, not a refused
@@ -112,6 +134,9 @@ def serve_here(settings: Settings, sockets: list[socket.socket] | None = None,
     """Run one server in this process (a worker, or the whole service when workers is 1)."""
     from service.app import create_app
     from service.runtime import Runtime
+
+    # Until the server installs its handler, a SIGHUP (a rescan request) must not end us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     runtime = Runtime(settings, factory) if factory else Runtime(settings)
     app = create_app(settings, runtime=runtime, load_before_serving=sockets is not None)
@@ -157,8 +182,21 @@ class Supervisor:
         proc = self._ctx.Process(target=_worker_main,
                                  args=(self.settings, sock, index, self.factory),
                                  name=f"imgserve-worker-{index}", daemon=False)
-        proc.start()
+        # Started with SIGHUP ignored (inherited across exec): a rescan request forwarded to a
+        # worker that has not installed its handler yet must not end it.
+        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            proc.start()
+        finally:
+            signal.signal(signal.SIGHUP, previous)
         return proc, time.monotonic()
+
+    def _on_hup(self, sig: int, frame: FrameType | None) -> None:
+        """SIGHUP: every worker rescans the model repository."""
+        log.info("SIGHUP: asking %d workers to rescan the model repository", self.n)
+        for proc, _ in self._procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGHUP)
 
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         if not self._stop.is_set():
@@ -191,6 +229,7 @@ class Supervisor:
         socks = self._bind()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
         log.info("serving on http://%s:%d with %d worker processes", self.settings.host,
                  socks[0].getsockname()[1], self.n)
         status = 0

@@ -108,7 +108,8 @@ class Front:
                 state: dict[str, Any] = scope.get("state", {})
                 self.access_log.write({
                     "method": scope["method"], "path": path, "status": status,
-                    "images": state.get("images", 0), "batch_size": state.get("batch_size"),
+                    "model": state.get("model"), "images": state.get("images", 0),
+                    "batch_size": state.get("batch_size"),
                     "latency_ms": round(elapsed * 1000, 3)})
 
     async def _direct(self, route: DirectRoute, params: dict[str, str], scope: Scope,

@@ -1,7 +1,7 @@
-"""The OpenAPI document with what is only known once the model is loaded: the model's name and
-version as the only values of the V2 path parameters, its input and output names in the V2
-request schema, and the image-count limit. A client generated from it, or a fuzzer, then sends
-what the server accepts."""
+"""The OpenAPI document with what is only known once the models are loaded: the served models'
+names and versions as the only values of the model path parameters, their input and output
+names in the V2 request schema, and the image-count limit. A client generated from it, or a
+fuzzer, then sends what the server accepts."""
 
 from __future__ import annotations
 
@@ -12,18 +12,20 @@ from service.runtime import Runtime
 
 
 def with_runtime_values(doc: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
-    if runtime.classifier is None:
+    served = [v.metadata for vs in runtime.models.serving.values() for v in vs if v.metadata]
+    if not served:
         return doc
-    meta = runtime.classifier.metadata
     limit = runtime.settings.max_images_per_request
+    values = {"name": sorted({m.name for m in served}),
+              "version": sorted({m.version for m in served})}
     doc = copy.deepcopy(doc)
     for path, item in doc.get("paths", {}).items():
         for op in item.values():
             for param in op.get("parameters", []):
-                if path.startswith("/v2/models/") and param.get("in") == "path":
-                    value = {"name": meta.name, "version": meta.version}.get(param["name"])
-                    if value is not None:
-                        param["schema"] = {**param.get("schema", {}), "enum": [value]}
+                if path.startswith(("/v2/models/", "/v1/models/")) and param.get("in") == "path":
+                    enum = values.get(param["name"])
+                    if enum is not None:
+                        param["schema"] = {**param.get("schema", {}), "enum": enum}
             content = op.get("requestBody", {}).get("content", {})
             form = content.get("multipart/form-data", {}).get("schema", {})
             if "file" in form.get("properties", {}):
@@ -32,8 +34,11 @@ def with_runtime_values(doc: dict[str, Any], runtime: Runtime) -> dict[str, Any]
             props = request.get("properties", {})
             if "inputs" in props and "outputs" in props:
                 tensor = props["inputs"]["items"]["properties"]
-                tensor["name"] = {**tensor["name"], "enum": [meta.input_name]}
-                tensor["shape"]["items"]["maximum"] = max(limit, *meta.input_shape[1:])
+                tensor["name"] = {**tensor["name"],
+                                  "enum": sorted({m.input_name for m in served})}
+                tensor["shape"]["items"]["maximum"] = max(
+                    limit, *(d for m in served for d in m.input_shape[1:]))
                 output = props["outputs"]["items"]["properties"]
-                output["name"] = {**output["name"], "enum": [meta.output_name]}
+                output["name"] = {**output["name"],
+                                  "enum": sorted({m.output_name for m in served})}
     return doc

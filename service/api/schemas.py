@@ -3,6 +3,8 @@ shapes directly to keep validation off the hot path."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -63,19 +65,27 @@ class Batching(BaseModel):
 class ModelInfo(BaseModel):
     name: str
     version: str
-    labels: list[str]
-    input_shape: list[int]
-    color_mode: str
-    preprocessing: Preprocessing
-    provider: str
-    provider_note: str
-    sha256: str
-    dataset: str
-    test_accuracy: float | None
-    batching: Batching
+    state: Literal["loading", "ready", "failed", "unloading", "unavailable"]
+    reason: str = Field("", description="why a version is not ready (failed, unavailable)")
+    default: bool = Field(False, description="POST /v1/classify uses this model")
+    path: str | None = None
+    note: str = Field("", description="e.g. the file's metadata names another model")
+    labels: list[str] | None = None
+    input_shape: list[int] | None = None
+    color_mode: str | None = None
+    preprocessing: Preprocessing | None = None
+    provider: str | None = None
+    provider_note: str | None = None
+    sha256: str | None = None
+    dataset: str | None = None
+    test_accuracy: float | None = None
+    loaded_at: float | None = Field(None, description="Unix time the version became ready")
+    batching: Batching | None = None
 
 
 class ModelsResponse(BaseModel):
+    repository: str
+    version_policy: str
     models: list[ModelInfo]
 
 

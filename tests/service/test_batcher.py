@@ -166,7 +166,8 @@ def test_full_queue_is_refused_at_once() -> None:
 
     async def main() -> None:
         metrics = Metrics()
-        b = make(model, max_batch_size=2, max_queue_images=4, metrics=metrics)
+        b = make(model, max_batch_size=2, max_queue_images=4,
+                 metrics=metrics.for_model("m", "1"))
         await b.start()
         first = asyncio.create_task(b.submit(images(2), 5))
         await asyncio.sleep(0.05)  # first batch is now computing

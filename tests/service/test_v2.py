@@ -250,14 +250,15 @@ def test_v2_readiness_follows_the_runtime(make_client: object) -> None:
     try:
         assert c.get("/v2/health/live").status_code == 200
         assert c.get("/v2/health/ready").status_code == 503
-        resp = c.get("/v2/models/tiny_cnn/ready")
+        resp = c.get("/v2/models/tiny_cnn/ready")  # known (it is loading), not ready yet
         assert resp.status_code == 503
-        assert "error" in resp.json()
+        assert resp.json() == {"name": "tiny_cnn", "ready": False}
+        assert c.get("/v2/models/no_such_model/ready").status_code == 404
     finally:
         gate.set()
     wait_ready(c)
     assert c.get("/v2/health/ready").json() == {"ready": True}
-    assert c.get("/v2/models/tiny_cnn/ready").status_code == 200
+    assert c.get("/v2/models/tiny_cnn/ready").json() == {"name": "tiny_cnn", "ready": True}
 
 
 def test_unknown_v2_path_uses_the_protocol_error_shape(client: TestClient) -> None:

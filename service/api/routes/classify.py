@@ -72,21 +72,25 @@ def query_top_k(request: Request) -> int:
 
 async def handle_classify(request: Request, runtime: Runtime,
                           params: dict[str, str] | None = None) -> JSONResponse:
-    """The classify route's work; served directly by ``service.api.front``."""
-    classifier, _ = runtime.require_ready()
-    meta = classifier.metadata
-    k = query_top_k(request)
-    s = runtime.settings
-    uploads = await read_images(request, s.max_body_bytes, s.max_images_per_request)
-    decoded = await runtime.decode([u.data for u in uploads])
-    good = [d for d in decoded if isinstance(d, np.ndarray)]
-    if not good:
-        first = decoded[0]
-        assert isinstance(first, ServiceError)
-        raise first
-    probs, batch_size = await runtime.classify_pixels(good)
+    """The classify routes' work (the default model, or the one the path names); served
+    directly by ``service.api.front``."""
+    params = params or {}
+    with runtime.lease(params.get("name"), params.get("version")) as model:
+        meta = model.metadata
+        assert meta is not None
+        k = query_top_k(request)
+        s = runtime.settings
+        uploads = await read_images(request, s.max_body_bytes, s.max_images_per_request)
+        decoded = await runtime.decode([u.data for u in uploads], model)
+        good = [d for d in decoded if isinstance(d, np.ndarray)]
+        if not good:
+            first = decoded[0]
+            assert isinstance(first, ServiceError)
+            raise first
+        probs, batch_size = await runtime.classify_pixels(good, model)
     request.state.images = len(good)
     request.state.batch_size = batch_size
+    request.state.model = f"{meta.name}:{meta.version}"
     results: list[dict[str, Any]] = []
     row = 0
     for upload, item in zip(uploads, decoded, strict=True):
@@ -100,15 +104,44 @@ async def handle_classify(request: Request, runtime: Runtime,
                              "results": results})
 
 
-DIRECT = [DirectRoute("POST", "/v1/classify", handle_classify)]
+NAMED = "/v1/models/{name}/classify"
+VERSIONED = "/v1/models/{name}/versions/{version}/classify"
+DIRECT = [DirectRoute("POST", "/v1/classify", handle_classify),
+          DirectRoute("POST", NAMED, handle_classify),
+          DirectRoute("POST", VERSIONED, handle_classify)]
+TOP_K_DOC = "predictions per image; all classes when the model has fewer"
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "no such model or served version"}}
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS,
-             openapi_extra=BODY_DOC, summary="Classify one or more images")
+             openapi_extra=BODY_DOC, summary="Classify one or more images (default model)")
 async def classify(
     request: Request,
     runtime: RuntimeDep,
-    top_k_: Annotated[int, Query(alias="top_k", ge=1, description=(
-        "predictions per image; all classes when the model has fewer"))] = DEFAULT_TOP_K,
+    top_k_: Annotated[int, Query(alias="top_k", ge=1, description=TOP_K_DOC)] = DEFAULT_TOP_K,
 ) -> JSONResponse:
     return await handle_classify(request, runtime)
+
+
+@router.post(NAMED, response_model=ClassifyResponse, responses={**ERRORS, **NOT_FOUND},
+             openapi_extra=BODY_DOC, summary="Classify with a named model (its newest version)")
+async def classify_named(
+    name: str,
+    request: Request,
+    runtime: RuntimeDep,
+    top_k_: Annotated[int, Query(alias="top_k", ge=1, description=TOP_K_DOC)] = DEFAULT_TOP_K,
+) -> JSONResponse:
+    return await handle_classify(request, runtime, {"name": name})
+
+
+@router.post(VERSIONED, response_model=ClassifyResponse, responses={**ERRORS, **NOT_FOUND},
+             openapi_extra=BODY_DOC, summary="Classify with one version of a model")
+async def classify_versioned(
+    name: str,
+    version: str,
+    request: Request,
+    runtime: RuntimeDep,
+    top_k_: Annotated[int, Query(alias="top_k", ge=1, description=TOP_K_DOC)] = DEFAULT_TOP_K,
+) -> JSONResponse:
+    return await handle_classify(request, runtime, {"name": name, "version": version})

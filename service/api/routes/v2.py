@@ -14,7 +14,7 @@ from service import __version__
 from service.api.body import read_body
 from service.api.deps import RuntimeDep
 from service.api.front import DirectRoute
-from service.errors import ModelNotFound, ServiceError, UnsupportedMediaType
+from service.errors import ModelNotReady, ServiceError, UnsupportedMediaType
 from service.model import ModelMetadata
 from service.protocol_v2 import FP32, infer_response, parse_infer, split_body
 from service.runtime import Runtime
@@ -29,13 +29,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _model(runtime: Runtime, name: str, version: str | None) -> ModelMetadata:
-    classifier, _ = runtime.require_ready()
-    meta = classifier.metadata
-    if name != meta.name:
-        raise ModelNotFound(f"unknown model {name!r}; this server serves {meta.name!r}")
-    if version is not None and version != meta.version:
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; it has "
-                            f"{meta.version!r}")
+    meta = runtime.models.find(name, version).metadata
+    assert meta is not None
     return meta
 
 
@@ -58,7 +53,7 @@ async def _metadata(runtime: Runtime, name: str, version: str | None) -> JSONRes
     meta = _model(runtime, name, version)
     return JSONResponse({
         "name": meta.name,
-        "versions": [meta.version],
+        "versions": [v.version for v in runtime.models.serving.get(name, ())],
         "platform": "onnx_onnxv1",
         "inputs": [{"name": meta.input_name, "datatype": FP32, "shape": list(meta.input_shape)}],
         "outputs": [{"name": meta.output_name, "datatype": FP32,
@@ -78,8 +73,13 @@ async def model_version_metadata(name: str, version: str, runtime: RuntimeDep) -
 
 
 async def _ready(runtime: Runtime, name: str, version: str | None) -> JSONResponse:
-    meta = _model(runtime, name, version)
-    return JSONResponse({"name": meta.name, "ready": True})
+    """200 with ready true when the model (version) is served; 503 with ready false while it is
+    known but not (loading, failed); 404 for a model or version the server does not know."""
+    try:
+        _model(runtime, name, version)
+    except ModelNotReady:
+        return JSONResponse({"name": name, "ready": False}, 503, headers={"Retry-After": "1"})
+    return JSONResponse({"name": name, "ready": True})
 
 
 @router.get("/models/{name}/ready", summary="Model readiness", responses=ERRORS)
@@ -95,26 +95,29 @@ async def model_version_ready(name: str, version: str, runtime: RuntimeDep) -> J
 
 async def handle_infer(request: Request, runtime: Runtime, params: dict[str, str]) -> Response:
     """The infer routes' work; served directly by ``service.api.front``."""
-    meta = _model(runtime, params["name"], params.get("version"))
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding != "identity":
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported")
     s = runtime.settings
-    body = await read_body(request, s.max_body_bytes)
-    head, tail = split_body(body, request.headers.get("inference-header-content-length"))
-    req = parse_infer(head, tail, meta, s.max_images_per_request)
-    if req.tensor is not None:
-        probs, batch_size = await runtime.infer(req.tensor)
-    else:
-        decoded = await runtime.decode(req.images)
-        for i, item in enumerate(decoded):
-            if isinstance(item, ServiceError):
-                item.message = f"image {i}: {item.message}"
-                raise item
-        good = [d for d in decoded if isinstance(d, np.ndarray)]
-        probs, batch_size = await runtime.classify_pixels(good)
+    with runtime.lease(params["name"], params.get("version")) as model:
+        meta = model.metadata
+        assert meta is not None
+        body = await read_body(request, s.max_body_bytes)
+        head, tail = split_body(body, request.headers.get("inference-header-content-length"))
+        req = parse_infer(head, tail, meta, s.max_images_per_request)
+        if req.tensor is not None:
+            probs, batch_size = await runtime.infer(req.tensor, model)
+        else:
+            decoded = await runtime.decode(req.images, model)
+            for i, item in enumerate(decoded):
+                if isinstance(item, ServiceError):
+                    item.message = f"image {i}: {item.message}"
+                    raise item
+            good = [d for d in decoded if isinstance(d, np.ndarray)]
+            probs, batch_size = await runtime.classify_pixels(good, model)
     request.state.images = req.batch
     request.state.batch_size = batch_size
+    request.state.model = f"{meta.name}:{meta.version}"
     content, header_length = infer_response(req, probs, meta)
     if header_length is None:
         return Response(content, media_type="application/json")
