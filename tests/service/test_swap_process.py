@@ -1,0 +1,18 @@
+"""Versions swapped in a real server process with two workers, under load: nothing lost, every
+answer from the version it names, every worker on the last version at the end. The full proof
+(64 clients, 10 swaps, latency and memory) is ``bench/swap_bench.py``; this is its small run."""
+
+from __future__ import annotations
+
+from bench.swap_bench import parser, run
+
+
+def test_swaps_under_load_lose_nothing_and_answers_name_their_version() -> None:
+    args = parser().parse_args(["--clients", "8", "--swaps", "3", "--gap", "1.5",
+                                "--steady", "1", "--warmup", "1", "--workers", "2"])
+    result = run(args)
+    assert result["non_200"] == 0, result["errors"]
+    assert result["requests"] > 100
+    assert result["wrong_scores"] == 0  # each answer's scores are its named version's
+    assert result["versions_answered"] == ["1", "2", "3", "4"]
+    assert result["final_versions"] == ["4"]  # both workers converged on the last version
