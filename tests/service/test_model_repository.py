@@ -215,3 +215,30 @@ def test_a_required_model_that_never_loads_keeps_the_server_unready(
     assert c.get("/health/ready").status_code == 503 and "clothes" in reason
     assert c.get("/v2/models/clothes/ready").json() == {"name": "clothes", "ready": False}
     assert c.post("/v1/models/tiny_cnn/classify", content=b"").status_code == 400  # served
+
+
+def test_an_overloaded_model_does_not_delay_another(make_client: Make, repo: Path,
+                                                    sample_png: bytes) -> None:
+    """``clothes`` takes 0.3 s a batch and its queue fills; ``tiny_cnn`` still answers at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.config import Settings
+    from service.model import Classifier, OnnxClassifier
+    from tests.service.fakes import Wrapped
+
+    def load(settings: Settings) -> Classifier:
+        real = OnnxClassifier(settings.model_path, settings)
+        return Wrapped(real, delay=0.3) if "clothes" in str(settings.model_path) else real
+
+    c = make_client(load, model_path=repo, max_batch_size=4, max_images_per_request=4,
+                    max_queue_images=8, warmup=False)
+    with ThreadPoolExecutor(20) as pool:
+        slow = [pool.submit(classify, c, "/v1/models/clothes/classify", sample_png)
+                for _ in range(20)]
+        time.sleep(0.15)  # clothes: one batch computing, its queue filling
+        started = time.perf_counter()
+        fast = classify(c, "/v1/models/tiny_cnn/classify", sample_png)
+        took = time.perf_counter() - started
+        codes = sorted(f.result().status_code for f in slow)
+    assert fast.status_code == 200 and took < 0.25, took
+    assert 200 in codes and 503 in codes and set(codes) == {200, 503}  # clothes overloaded
