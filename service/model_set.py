@@ -69,6 +69,12 @@ class Version:
     def release(self) -> None:
         self.leases -= 1
 
+    def __enter__(self) -> Version:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.leases -= 1
+
 
 @dataclass(frozen=True)
 class Row:
@@ -98,12 +104,12 @@ class ModelSet:
         self.problems: list[Problem] = []
         self.required: frozenset[str] | None = None  # set by the first scan, unless configured
         self.scans = 0
+        self.default_name: str | None = settings.default_model or None  # kept by sync()
         self._lock = asyncio.Lock()
         self._unloads: set[asyncio.Task[None]] = set()
 
     # --- what is served --------------------------------------------------------------------------
-    @property
-    def default_name(self) -> str | None:
+    def _default(self) -> str | None:
         if self.settings.default_model:
             return self.settings.default_model
         names = {name for name, _ in self._found} | set(self.serving)
@@ -218,6 +224,7 @@ class ModelSet:
             for key in [k for k in self._failed if k not in self._found]:
                 del self._failed[key]  # its file is gone: nothing to report or retry
             self.problems = problems
+            self.default_name = self._default()
             for p in problems:
                 log.warning("repository: %s: %s", p.path, p.reason)
             self._metrics.repository_problems.set(len(problems) + len(self._failed))

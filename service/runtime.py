@@ -13,9 +13,8 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image
@@ -109,22 +108,18 @@ class Runtime:
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- work ----------------------------------------------------------------------------------
-    @contextmanager
-    def lease(self, name: str | None = None, version: str | None = None) -> Iterator[Version]:
+    def lease(self, name: str | None = None, version: str | None = None) -> Version:
         """The model version for an admitted request (the default model's newest unless named),
-        which is not unloaded until the block ends. During the drain readiness is false but
-        batchers still run: requests admitted before it began are completed (new ones are
-        refused before they get here, by ``service.api.front``)."""
+        leased: use it as ``with runtime.lease(...) as model:``; it is not unloaded until the
+        block ends. During the drain readiness is false but batchers still run: requests
+        admitted before it began are completed (new ones are refused before they get here, by
+        ``service.api.front``)."""
         try:
-            model = self.models.acquire(name, version)
+            return self.models.acquire(name, version)
         except ModelNotReady:
             if self.shutting_down:
                 raise ShuttingDown("the server is shutting down") from None
             raise
-        try:
-            yield model
-        finally:
-            model.release()
 
     def _pixels(self, img: Image.Image, spec: PreprocessSpec) -> np.ndarray | ServiceError:
         started = time.perf_counter()
