@@ -128,6 +128,8 @@ class ModelSet:
         if name is None:
             name = self.default_name
             if name is None:
+                if self.required is None:
+                    raise ModelNotReady("not ready: the model repository is being read")
                 raise ModelNotFound(self._which_default())
         served = self.serving.get(name)
         if not served:
@@ -209,6 +211,7 @@ class ModelSet:
         async with self._lock:
             found, problems = await asyncio.to_thread(scan, self.settings.model_path)
             self._found = {(f.name, f.version): f for f in found}
+            self.default_name = self._default()
             by_name: dict[str, list[Found]] = {}
             for f in found:
                 by_name.setdefault(f.name, []).append(f)
@@ -224,7 +227,6 @@ class ModelSet:
             for key in [k for k in self._failed if k not in self._found]:
                 del self._failed[key]  # its file is gone: nothing to report or retry
             self.problems = problems
-            self.default_name = self._default()
             for p in problems:
                 log.warning("repository: %s: %s", p.path, p.reason)
             self._metrics.repository_problems.set(len(problems) + len(self._failed))
