@@ -51,6 +51,10 @@ class Metrics:
                               per_model, registry=r)
         self.batch_failures = Counter("imgserve_batch_failures_total",
                                       "model calls that raised", per_model, registry=r)
+        self.explanation_images = Counter("imgserve_explanation_images_total",
+                                          "images run through a model for explanations (the "
+                                          "original and each occluded copy)", ["model"],
+                                          registry=r)
         self.model_info = Gauge("imgserve_model_info", "a served model version (value 1)",
                                 ["name", "version", "provider"], multiprocess_mode="livemax",
                                 registry=r)

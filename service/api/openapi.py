@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from service.explain import MAX_IMAGES
 from service.runtime import Runtime
 
 
@@ -16,6 +17,10 @@ def with_runtime_values(doc: dict[str, Any], runtime: Runtime) -> dict[str, Any]
     if not served:
         return doc
     limit = runtime.settings.max_images_per_request
+    side = min(min(m.spec.height, m.spec.width) for m in served)  # the occlusion patch's bound
+    classes = min(m.num_classes for m in served)
+    targets = sorted({label for m in served for label in m.labels}) + [
+        str(i) for i in range(classes)]
     values = {"name": sorted({m.name for m in served}),
               "version": sorted({m.version for m in served})}
     doc = copy.deepcopy(doc)
@@ -26,10 +31,18 @@ def with_runtime_values(doc: dict[str, Any], runtime: Runtime) -> dict[str, Any]
                     enum = values.get(param["name"])
                     if enum is not None:
                         param["schema"] = {**param.get("schema", {}), "enum": enum}
+                if path.endswith("/explain") and param["name"] in ("patch", "stride", "target"):
+                    for option in param.get("schema", {}).get("anyOf", [param.get("schema")]):
+                        if option and option.get("type") == "integer":
+                            option["maximum"] = side
+                        elif option and option.get("type") == "string":
+                            option["enum"] = targets
             content = op.get("requestBody", {}).get("content", {})
             form = content.get("multipart/form-data", {}).get("schema", {})
             if "file" in form.get("properties", {}):
-                form["properties"]["file"]["maxItems"] = limit
+                explain = path.endswith("/explain")
+                form["properties"]["file"]["maxItems"] = min(limit, MAX_IMAGES) if explain else (
+                    limit)
             request = content.get("application/json", {}).get("schema", {})
             props = request.get("properties", {})
             if "inputs" in props and "outputs" in props:

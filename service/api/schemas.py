@@ -39,6 +39,31 @@ class ClassifyResponse(BaseModel):
     results: list[ImageResult]
 
 
+class OcclusionMap(BaseModel):
+    patch: int = Field(examples=[4], description="occluder side, in model-input pixels")
+    stride: int = Field(examples=[2], description="step between occluder positions, pixels")
+    rows: int
+    cols: int
+    model_calls: int = Field(examples=[170], description="images run for this explanation")
+    fill: list[float] = Field(description="the occluder's value per channel, in [0, 1]")
+    drop: list[list[float]] = Field(description="rows x cols: the target's probability on the "
+                                    "image minus with that cell covered")
+
+
+class Explanation(BaseModel):
+    filename: str | None = None
+    predictions: list[Prediction] | None = None
+    target: Prediction | None = None
+    occlusion: OcclusionMap | None = None
+    heatmap_png: str | None = Field(None, description="base64 PNG: the map over the input")
+    error: ErrorDetail | None = None
+
+
+class ExplainResponse(BaseModel):
+    model: ModelRef
+    results: list[Explanation]
+
+
 class Preprocessing(BaseModel):
     height: int
     width: int
