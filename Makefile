@@ -8,7 +8,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: serve test lint dataset install-serve install-dev bench clean
+.PHONY: serve test lint dataset browser install-serve install-dev bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,12 +33,21 @@ dataset:
 		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
 	fi
 
+## Debian's headless Chromium and its driver, for the browser test (nothing is downloaded at
+## test time).
+browser:
+	@if ! command -v chromedriver >/dev/null || ! { command -v chromium >/dev/null; }; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium chromium-driver >/dev/null; }; \
+	fi
+
 lint: install-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 ## The test command: installs what it needs, lints, runs the suite (not slow, not gpu).
-test: install-dev dataset lint
+test: install-dev dataset browser lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 bench: install-dev dataset

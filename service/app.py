@@ -13,7 +13,7 @@ from service import __version__
 from service.api import handlers
 from service.api.front import DirectRoute, Front
 from service.api.openapi import with_runtime_values
-from service.api.routes import classify, explain, health, models, v2
+from service.api.routes import classify, explain, health, models, page, v2
 from service.auth import ApiKeys
 from service.config import Settings
 from service.logs import AccessLog
@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None, factory: ClassifierFactory = lo
                    version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.runtime = runtime
     handlers.install(app)
-    for module in (classify, explain, models, health, v2):
+    for module in (classify, explain, models, health, v2, page):
         app.include_router(module.router)
     return app
 

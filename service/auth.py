@@ -1,5 +1,6 @@
 """Optional API keys: with keys configured, every route but the health probes (and, unless its
-own setting says otherwise, ``/metrics``; and the API's description under ``/docs``) needs
+own setting says otherwise, ``/metrics``; the API's description under ``/docs``; and the page at
+``/``, which asks for a key itself) needs
 ``Authorization: Bearer <key>``. Keys are compared in constant time and never logged."""
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class ApiKeys:
         return cls(keys, metrics_open=not settings.metrics_require_key) if keys else None
 
     def is_open(self, path: str) -> bool:
-        return path.startswith(OPEN_PATHS) or (self.metrics_open and path == "/metrics")
+        return (path == "/" or path.startswith(OPEN_PATHS)
+                or (self.metrics_open and path == "/metrics"))
 
     def allows(self, authorization: bytes | None) -> bool:
         """Whether an ``Authorization`` header value carries one of the keys."""
