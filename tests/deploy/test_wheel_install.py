@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.servers import post, running_server_cmd
+from tests.service.servers import get, post, running_server_cmd
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,6 +64,8 @@ def test_installed_service_classifies_from_another_directory(installed: Path, tm
     with running_server_cmd(cmd, cwd, {"IMGSERVE_MODEL_PATH": str(model),
                                        "IMGSERVE_WORKERS": "1"}) as (_, port):
         status, body = post(port, sneaker, "image/png")
+        page_status, page = get(port, "/")  # the page ships inside the wheel
+    assert page_status == 200 and b"<title>imgserve</title>" in page
     assert status == 200, body
     top = json.loads(body)["results"][0]["predictions"][0]
     assert top["label"] == "Sneaker"
