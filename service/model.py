@@ -46,6 +46,9 @@ class ModelMetadata:
     input_name: str
     output_name: str
     extra: dict[str, str] = field(default_factory=dict)
+    # Temperature scaling folded into the graph, with its expected calibration error before and
+    # after (written by ``training calibrate``); None for a raw softmax.
+    calibration: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -109,6 +112,12 @@ def read_metadata(session: ort.InferenceSession, path: Path, sha256: str) -> Mod
     if isinstance(shape[0], int) and shape[0] > 0:
         raise ModelLoadError(f"{path}: the batch dimension must be dynamic, not {shape[0]}")
     accuracy = props.get("imgserve.test_accuracy")
+    calibration = None
+    if "imgserve.calibration" in props:
+        try:
+            calibration = dict(json.loads(props["imgserve.calibration"]))
+        except (ValueError, TypeError) as exc:
+            raise ModelLoadError(f"{path}: malformed imgserve.calibration: {exc}") from exc
     return ModelMetadata(
         name=props.get("imgserve.model_name", path.stem),
         version=props.get("imgserve.model_version", "1"),
@@ -120,6 +129,7 @@ def read_metadata(session: ort.InferenceSession, path: Path, sha256: str) -> Mod
         input_name=inputs[0].name,
         output_name=outputs[0].name,
         extra={k: v for k, v in props.items() if not k.startswith("imgserve.")},
+        calibration=calibration,
     )
 
 

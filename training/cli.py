@@ -1,5 +1,5 @@
-"""Command line: ``python -m training {train,evaluate,export,export-imagenet,write-folder}``;
-it only parses."""
+"""Command line: ``python -m training {train,evaluate,export,calibrate,export-imagenet,
+write-folder}``; it only parses."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from training.config import TINY, TrainConfig
 
@@ -65,7 +68,47 @@ def _cmd_export(args: argparse.Namespace) -> int:
     dataset = cfg.data if cfg.data == "fashion-mnist" else Path(cfg.data).name
     info = ModelInfo(args.name or cfg.model, args.version, dataset, accuracy)
     worst = export_onnx(model, spec, ckpt["classes"], Path(args.out), info)
-    print(json.dumps({"out": args.out, "max_abs_diff_vs_torch": worst, "test_accuracy": accuracy}))
+    report: dict[str, Any] = {"out": args.out, "max_abs_diff_vs_torch": worst,
+                              "test_accuracy": accuracy}
+    if args.calibrate:  # on the run's own validation split, never its test images
+        report["calibration"] = _calibrate(Path(args.out), Path(args.out), cfg.data,
+                                           cfg.val_fraction, cfg.seed)
+    print(json.dumps(report))
+    return 0
+
+
+Arrays = tuple[np.ndarray, np.ndarray]  # images in [0, 1], labels
+
+
+def _calibration_data(data: str, val_fraction: float, seed: int,
+                      path: Path) -> tuple[Arrays, Arrays | None]:
+    """The validation split (for fitting) and the test split (for measuring), decoded with the
+    ONNX file's own preprocessing, as [0, 1] float32 images and labels."""
+    from service.imaging import PreprocessSpec
+    from service.onnx_meta import read_metadata_props
+    from training.data import ImageSet, load_data
+
+    spec = PreprocessSpec.from_json(read_metadata_props(path)["imgserve.preprocess"])
+    splits = load_data(data, val_fraction, seed, spec=spec, interpolation=spec.interpolation)
+
+    def arrays(s: ImageSet) -> Arrays:
+        return s.images.numpy().astype(np.float32) / 255, s.labels.numpy()
+
+    return arrays(splits.val), arrays(splits.test) if splits.test is not None else None
+
+
+def _calibrate(path: Path, out: Path, data: str, val_fraction: float, seed: int) -> dict[str, Any]:
+    from training.calibrate import calibrate_onnx
+
+    val, test = _calibration_data(data, val_fraction, seed, path)
+    return json.loads(calibrate_onnx(path, out, val, test).to_json())
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    path = Path(args.model)
+    cal = _calibrate(path, Path(args.out) if args.out else path, args.data, args.val_fraction,
+                     args.seed)
+    print(json.dumps(cal))
     return 0
 
 
@@ -112,7 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--name", help="model name in the metadata (default: the architecture)")
     p.add_argument("--version", default="1", help="model version in the metadata")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="fit temperature scaling on the run's validation split and fold it into "
+                   "the graph (--no-calibrate keeps the raw softmax)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("calibrate", help="calibrate an exported ONNX model",
+                       description="Fit temperature scaling on a validation split, fold it into "
+                       "the graph before its softmax, and record T and the expected "
+                       "calibration error (15 bins) before and after, on validation and test, "
+                       "in the metadata.")
+    p.add_argument("model", help="ONNX file exported by `training export --no-calibrate`")
+    p.add_argument("--out", help="ONNX file to write (default: replace the input)")
+    p.add_argument("--data", default="fashion-mnist", help="as for train")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="as for train: the validation split the model was not trained on")
+    p.add_argument("--seed", type=int, default=0, help="as for train")
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("export-imagenet", help="export the pretrained ImageNet photo model",
                        description="Export EfficientNet-Lite0 with its ImageNet-1k weights and "

@@ -16,6 +16,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from service.imaging import PreprocessSpec
+from training.calibrate import BINS, expected_calibration_error, reliability
 from training.config import TrainConfig
 from training.data import FASHION_MNIST, ImageSet, load_data
 from training.train import load_checkpoint, model_from_checkpoint, predict_proba
@@ -55,6 +56,9 @@ def classification_metrics(
         },
         "confusion_matrix": skm.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "classes": list(classes),
+        # Calibration: a score of 0.9 should be right 90% of the time.
+        "ece": expected_calibration_error(probs, y_true),
+        "reliability": reliability(probs, y_true),
     }
 
 
@@ -69,8 +73,26 @@ def format_table(m: dict[str, Any]) -> str:
     mac = m["macro"]
     lines.append(f"{'macro':<{width}}  {mac['precision']:9.4f}  {mac['recall']:6.4f}  "
                  f"{mac['f1']:.4f}  {mac['roc_auc']:7.4f}  {mac['pr_auc']:6.4f}  {m['n']:7d}")
-    lines.append(f"accuracy {m['accuracy']:.4f}   cohen's kappa {m['cohen_kappa']:.4f}")
+    lines.append(f"accuracy {m['accuracy']:.4f}   cohen's kappa {m['cohen_kappa']:.4f}   "
+                 f"expected calibration error ({BINS} bins) {m['ece']:.4f}")
     return "\n".join(lines)
+
+
+def plot_reliability(m: dict[str, Any], path: Path) -> None:
+    """Accuracy against confidence per bin: on the diagonal when scores are calibrated."""
+    rows = [r for r in m["reliability"] if r["n"]]
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="calibrated")
+    ax.bar([(r["low"] + r["high"]) / 2 for r in rows], [r["accuracy"] for r in rows],
+           width=1 / len(m["reliability"]), edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], "o", color="black",
+            markersize=3, label="(confidence, accuracy)")
+    ax.set(xlabel="confidence (top score)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+           title=f"Reliability: ECE {m['ece']:.2%} over {m['n']} images")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot_confusion(m: dict[str, Any], path: Path) -> None:
@@ -161,6 +183,7 @@ def evaluate_run(run: Path, out: Path | None = None) -> dict[str, Any]:
     (out / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
     (out / "report.txt").write_text(format_table(m) + "\n")
     plot_confusion(m, out / "confusion_matrix.png")
+    plot_reliability(m, out / "reliability.png")
     plot_curves(y, probs, data.classes, out)
     history = (run if run.is_dir() else run.parent) / "metrics.jsonl"
     if history.is_file():

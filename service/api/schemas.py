@@ -3,7 +3,7 @@ shapes directly to keep validation off the hot path."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -104,6 +104,10 @@ class ModelInfo(BaseModel):
     sha256: str | None = None
     dataset: str | None = None
     test_accuracy: float | None = None
+    calibration: dict[str, Any] | None = Field(None, description=(
+        "temperature scaling folded into the graph: the temperature, and the expected "
+        "calibration error (15 bins) before and after on validation and test; null for a raw "
+        "softmax"))
     loaded_at: float | None = Field(None, description="Unix time the version became ready")
     batching: Batching | None = None
 

@@ -10,7 +10,7 @@ import pytest
 from training.cli import main
 
 
-@pytest.mark.parametrize("sub", ["train", "evaluate", "export", "write-folder"])
+@pytest.mark.parametrize("sub", ["train", "evaluate", "export", "calibrate", "write-folder"])
 def test_every_subcommand_has_help(sub: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main([sub, "--help"])
@@ -31,7 +31,11 @@ def test_folder_user_story(tmp_path: Path) -> None:
     subprocess.run([*run, "evaluate", str(tmp_path / "run")], check=True, capture_output=True)
     out = subprocess.run([*run, "export", str(tmp_path / "run"), "--out",
                           str(tmp_path / "m.onnx")], check=True, capture_output=True, text=True)
-    assert json.loads(out.stdout.strip().splitlines()[-1])["max_abs_diff_vs_torch"] <= 1e-5
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["max_abs_diff_vs_torch"] <= 1e-5
+    # Calibrated by default, on the folder's own validation split (10% of 180 images).
+    assert report["calibration"]["validation_images"] == 18 > 0 < report["calibration"][
+        "temperature"]
 
 
 def test_bad_data_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -31,6 +31,9 @@ def test_evaluate_run_writes_reports_and_plots(tiny_run: Path) -> None:
     assert m["split"] == "test" and m["n"] == 10_000  # the full test set, whatever the limit
     out = tiny_run / "eval"
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == m["accuracy"]
-    for name in ("confusion_matrix.png", "roc.png", "pr.png", "training_curves.png"):
+    for name in ("confusion_matrix.png", "roc.png", "pr.png", "training_curves.png",
+                 "reliability.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert "Ankle boot" in (out / "report.txt").read_text()
+    assert 0 <= m["ece"] < 0.2 and sum(r["n"] for r in m["reliability"]) == m["n"]
+    assert "expected calibration error" in (out / "report.txt").read_text()

@@ -34,6 +34,7 @@ def _row(row: Row, runtime: Runtime, default: str | None) -> dict[str, Any]:
         "sha256": meta.sha256,
         "dataset": meta.dataset,
         "test_accuracy": meta.test_accuracy,
+        "calibration": meta.calibration,
         "loaded_at": v.loaded_at,
         "batching": {
             "max_batch_size": s.max_batch_size,
