@@ -49,6 +49,8 @@ class ModelMetadata:
     # Temperature scaling folded into the graph, with its expected calibration error before and
     # after (written by ``training calibrate``); None for a raw softmax.
     calibration: dict[str, Any] | None = None
+    # A smaller variant (int8, fp16) and its measured accuracy (written by ``training quantize``).
+    variant: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -112,12 +114,8 @@ def read_metadata(session: ort.InferenceSession, path: Path, sha256: str) -> Mod
     if isinstance(shape[0], int) and shape[0] > 0:
         raise ModelLoadError(f"{path}: the batch dimension must be dynamic, not {shape[0]}")
     accuracy = props.get("imgserve.test_accuracy")
-    calibration = None
-    if "imgserve.calibration" in props:
-        try:
-            calibration = dict(json.loads(props["imgserve.calibration"]))
-        except (ValueError, TypeError) as exc:
-            raise ModelLoadError(f"{path}: malformed imgserve.calibration: {exc}") from exc
+    calibration, variant = _json_prop(props, "imgserve.calibration", path), _json_prop(
+        props, "imgserve.variant", path)
     return ModelMetadata(
         name=props.get("imgserve.model_name", path.stem),
         version=props.get("imgserve.model_version", "1"),
@@ -130,7 +128,17 @@ def read_metadata(session: ort.InferenceSession, path: Path, sha256: str) -> Mod
         output_name=outputs[0].name,
         extra={k: v for k, v in props.items() if not k.startswith("imgserve.")},
         calibration=calibration,
+        variant=variant,
     )
+
+
+def _json_prop(props: dict[str, str], key: str, path: Path) -> dict[str, Any] | None:
+    if key not in props:
+        return None
+    try:
+        return dict(json.loads(props[key]))
+    except (ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{path}: malformed {key}: {exc}") from exc
 
 
 def cuda_usable() -> tuple[bool, str]:

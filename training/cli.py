@@ -73,6 +73,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.calibrate:  # on the run's own validation split, never its test images
         report["calibration"] = _calibrate(Path(args.out), Path(args.out), cfg.data,
                                            cfg.val_fraction, cfg.seed)
+    for kind in args.quantize:
+        report[kind] = _variant(Path(args.out), kind, cfg.data, args.max_loss)
     print(json.dumps(report))
     return 0
 
@@ -109,6 +111,40 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     cal = _calibrate(path, Path(args.out) if args.out else path, args.data, args.val_fraction,
                      args.seed)
     print(json.dumps(cal))
+    return 0
+
+
+def _variant(path: Path, kind: str, data: str, max_loss: float, out: Path | None = None
+             ) -> dict[str, Any]:
+    """Write ``<path stem>.<kind>.onnx`` (or ``out``), measured on the data's test split (the
+    validation split when there is none) and calibrated (int8) on 512 of its training images;
+    ``data == "photos"``: scikit-image's photographs, top-1 agreement with fp32."""
+    from training.quantize import make_variant
+
+    target = out or path.with_name(f"{path.stem}.{kind}.onnx")
+    labels: np.ndarray | None = None
+    if data == "photos":
+        from training.photos import calibration_and_check_photos
+
+        calibration, images = calibration_and_check_photos(path)
+    else:
+        from service.imaging import PreprocessSpec
+        from service.onnx_meta import read_metadata_props
+        from training.data import load_data
+
+        spec = PreprocessSpec.from_json(read_metadata_props(path)["imgserve.preprocess"])
+        splits = load_data(data, 0.1, 0, spec=spec, interpolation=spec.interpolation)
+        measured = splits.test if splits.test is not None else splits.val
+        images = measured.images.numpy().astype(np.float32) / 255
+        labels = measured.labels.numpy()
+        calibration = splits.train.images[:512].numpy().astype(np.float32) / 255
+    variant = make_variant(path, target, kind, calibration, images, labels, max_loss)
+    return {"out": str(target), **json.loads(variant.to_json())}
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    print(json.dumps(_variant(Path(args.model), args.kind, args.data, args.max_loss,
+                              Path(args.out) if args.out else None)))
     return 0
 
 
@@ -158,7 +194,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
                    help="fit temperature scaling on the run's validation split and fold it into "
                    "the graph (--no-calibrate keeps the raw softmax)")
+    p.add_argument("--quantize", nargs="*", choices=("int8", "fp16"), default=[],
+                   help="also write <out stem>.int8.onnx (static, QDQ, calibrated on training "
+                   "images; for CPUs) and/or .fp16.onnx (for GPUs), each refused unless it "
+                   "keeps the test accuracy within --max-loss")
+    p.add_argument("--max-loss", type=float, default=0.005,
+                   help="accuracy a variant may lose, as a fraction (0.005 = 0.5 points)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("quantize", help="write an int8 or fp16 variant of an exported model",
+                       description="Write a smaller variant of an exported ONNX model, measure "
+                       "it against the fp32 model, and refuse it if it loses more than "
+                       "--max-loss; its measured accuracy goes into its metadata.")
+    p.add_argument("model", help="an exported ONNX file")
+    p.add_argument("--kind", choices=("int8", "fp16"), default="int8")
+    p.add_argument("--data", default="fashion-mnist", help="as for train, or 'photos': the "
+                   "scikit-image photographs, top-1 agreement with fp32 (no labels)")
+    p.add_argument("--out", help="ONNX file to write (default: <model stem>.<kind>.onnx)")
+    p.add_argument("--max-loss", type=float, default=0.005,
+                   help="accuracy (or agreement) a variant may lose, as a fraction")
+    p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("calibrate", help="calibrate an exported ONNX model",
                        description="Fit temperature scaling on a validation split, fold it into "
@@ -198,6 +253,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # a refused variant is a ValueError too
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -108,6 +108,9 @@ class ModelInfo(BaseModel):
         "temperature scaling folded into the graph: the temperature, and the expected "
         "calibration error (15 bins) before and after on validation and test; null for a raw "
         "softmax"))
+    variant: dict[str, Any] | None = Field(None, description=(
+        "a smaller variant (int8 or fp16) and its accuracy measured against fp32; null for "
+        "the fp32 model"))
     loaded_at: float | None = Field(None, description="Unix time the version became ready")
     batching: Batching | None = None
 

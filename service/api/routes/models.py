@@ -35,6 +35,7 @@ def _row(row: Row, runtime: Runtime, default: str | None) -> dict[str, Any]:
         "dataset": meta.dataset,
         "test_accuracy": meta.test_accuracy,
         "calibration": meta.calibration,
+        "variant": meta.variant,
         "loaded_at": v.loaded_at,
         "batching": {
             "max_batch_size": s.max_batch_size,
