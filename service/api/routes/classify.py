@@ -15,6 +15,7 @@ from service.api.handlers import error_body
 from service.api.responses import FastJSONResponse
 from service.api.schemas import ClassifyResponse, ErrorResponse
 from service.errors import InvalidParameter, ServiceError
+from service.model import ModelMetadata
 from service.runtime import Runtime
 
 router = APIRouter(tags=["classification"])
@@ -70,6 +71,23 @@ def query_top_k(request: Request) -> int:
     return k
 
 
+def usable(decoded: list[np.ndarray | ServiceError]) -> list[np.ndarray]:
+    """The images that decoded; when none did, the first one's error is raised."""
+    good = [d for d in decoded if isinstance(d, np.ndarray)]
+    if not good:
+        first = decoded[0]
+        assert isinstance(first, ServiceError)
+        raise first
+    return good
+
+
+def record(request: Request, images: int, batch_size: int, meta: ModelMetadata) -> None:
+    """What the access log tells of an answered request."""
+    request.state.images = images
+    request.state.batch_size = batch_size
+    request.state.model = f"{meta.name}:{meta.version}"
+
+
 async def handle_classify(request: Request, runtime: Runtime,
                           params: dict[str, str] | None = None) -> JSONResponse:
     """The classify routes' work (the default model, or the one the path names); served
@@ -82,15 +100,9 @@ async def handle_classify(request: Request, runtime: Runtime,
         s = runtime.settings
         uploads = await read_images(request, s.max_body_bytes, s.max_images_per_request)
         decoded = await runtime.decode([u.data for u in uploads], model)
-        good = [d for d in decoded if isinstance(d, np.ndarray)]
-        if not good:
-            first = decoded[0]
-            assert isinstance(first, ServiceError)
-            raise first
+        good = usable(decoded)
         probs, batch_size = await runtime.classify_pixels(good, model)
-    request.state.images = len(good)
-    request.state.batch_size = batch_size
-    request.state.model = f"{meta.name}:{meta.version}"
+    record(request, len(good), batch_size, meta)
     results: list[dict[str, Any]] = []
     row = 0
     for upload, item in zip(uploads, decoded, strict=True):
@@ -109,7 +121,8 @@ VERSIONED = "/v1/models/{name}/versions/{version}/classify"
 DIRECT = [DirectRoute("POST", "/v1/classify", handle_classify),
           DirectRoute("POST", NAMED, handle_classify),
           DirectRoute("POST", VERSIONED, handle_classify)]
-TOP_K_DOC = "predictions per image; all classes when the model has fewer"
+TopK = Annotated[int, Query(alias="top_k", ge=1, description=(
+    "predictions per image; all classes when the model has fewer"))]
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "no such model or served version"}}
 
@@ -119,7 +132,7 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 async def classify(
     request: Request,
     runtime: RuntimeDep,
-    top_k_: Annotated[int, Query(alias="top_k", ge=1, description=TOP_K_DOC)] = DEFAULT_TOP_K,
+    top_k_: TopK = DEFAULT_TOP_K,
 ) -> JSONResponse:
     return await handle_classify(request, runtime)
 
@@ -130,7 +143,7 @@ async def classify_named(
     name: str,
     request: Request,
     runtime: RuntimeDep,
-    top_k_: Annotated[int, Query(alias="top_k", ge=1, description=TOP_K_DOC)] = DEFAULT_TOP_K,
+    top_k_: TopK = DEFAULT_TOP_K,
 ) -> JSONResponse:
     return await handle_classify(request, runtime, {"name": name})
 
@@ -142,6 +155,6 @@ async def classify_versioned(
     version: str,
     request: Request,
     runtime: RuntimeDep,
-    top_k_: Annotated[int, Query(alias="top_k", ge=1, description=TOP_K_DOC)] = DEFAULT_TOP_K,
+    top_k_: TopK = DEFAULT_TOP_K,
 ) -> JSONResponse:
     return await handle_classify(request, runtime, {"name": name, "version": version})

@@ -15,7 +15,16 @@ from service.api.body import read_images
 from service.api.deps import RuntimeDep
 from service.api.handlers import error_body
 from service.api.responses import FastJSONResponse
-from service.api.routes.classify import BODY_DOC, DEFAULT_TOP_K, ERRORS, NOT_FOUND, top_k
+from service.api.routes.classify import (
+    BODY_DOC,
+    DEFAULT_TOP_K,
+    ERRORS,
+    NOT_FOUND,
+    TopK,
+    record,
+    top_k,
+    usable,
+)
 from service.api.schemas import ExplainResponse
 from service.errors import InvalidParameter, ServiceError
 from service.explain import MAX_IMAGES, Occlusion, heatmap_png, neutral_fill
@@ -56,18 +65,12 @@ async def explain(request: Request, runtime: Runtime, name: str | None, k: int,
         uploads = await read_images(request, s.max_body_bytes,
                                     min(MAX_IMAGES, s.max_images_per_request))
         decoded = await runtime.decode([u.data for u in uploads], model)
-        good = [to_model_input(d) for d in decoded if isinstance(d, np.ndarray)]
-        if not good:
-            first = decoded[0]
-            assert isinstance(first, ServiceError)
-            raise first
+        good = [to_model_input(d) for d in usable(decoded)]
         fill = neutral_fill(meta.spec)
         batch = np.concatenate([grid.copies(x, fill) for x in good])
         probs, batch_size = await runtime.infer(batch, model)
     runtime.metrics.explanation_images.labels(meta.name).inc(len(batch))
-    request.state.images = len(batch)
-    request.state.batch_size = batch_size
-    request.state.model = f"{meta.name}:{meta.version}"
+    record(request, len(batch), batch_size, meta)
     results: list[dict[str, Any]] = []
     row = 0
     for upload, item in zip(uploads, decoded, strict=True):
@@ -95,7 +98,6 @@ async def explain(request: Request, runtime: Runtime, name: str | None, k: int,
                              "results": results})
 
 
-TopK = Annotated[int, Query(alias="top_k", ge=1, description="predictions per image")]
 Target = Annotated[str | None, Query(max_length=200, description=(
     "the class to explain, by label or index; default: each image's top class"))]
 Patch = Annotated[int | None, Query(ge=1, le=4096, description=(

@@ -14,6 +14,7 @@ from service import __version__
 from service.api.body import read_body
 from service.api.deps import RuntimeDep
 from service.api.front import DirectRoute
+from service.api.routes.classify import record
 from service.errors import ModelNotReady, ServiceError, UnsupportedMediaType
 from service.model import ModelMetadata
 from service.protocol_v2 import FP32, infer_response, parse_infer, split_body
@@ -115,9 +116,7 @@ async def handle_infer(request: Request, runtime: Runtime, params: dict[str, str
                     raise item
             good = [d for d in decoded if isinstance(d, np.ndarray)]
             probs, batch_size = await runtime.classify_pixels(good, model)
-    request.state.images = req.batch
-    request.state.batch_size = batch_size
-    request.state.model = f"{meta.name}:{meta.version}"
+    record(request, req.batch, batch_size, meta)
     content, header_length = infer_response(req, probs, meta)
     if header_length is None:
         return Response(content, media_type="application/json")
