@@ -195,6 +195,9 @@ def _images(spec: dict[str, Any], shape: list[int], raw: bytes | None) -> list[b
         data = spec["data"]
         flat = data if isinstance(data, list) else [data]
         while flat and isinstance(flat[0], list):
+            if not all(isinstance(row, list) for row in flat):
+                raise ProtocolError("BYTES 'data' must be a list of base64 strings, flat or "
+                                    "evenly nested")
             flat = [x for row in flat for x in row]
         try:
             items = [base64.b64decode(x, validate=True) for x in flat]

@@ -168,6 +168,8 @@ REFUSALS = [
      400, "no 'data'"),
     ("bad base64", {"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1],
                                 "data": ["%%%"]}]}, 400, "base64"),
+    ("ragged nesting", {"inputs": [{"name": "input", "datatype": "BYTES", "shape": [2],
+                                    "data": [["aGk="], None]}]}, 400, "evenly nested"),
     ("not an image", {"inputs": [{"name": "input", "datatype": "BYTES", "shape": [1],
                                   "data": [base64.b64encode(b"hello").decode()]}]}, 400,
      "image 0"),
