@@ -19,7 +19,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
@@ -60,14 +60,11 @@ class Version:
     batcher: Batcher | None = None
     metrics: ModelMetrics | None = None
     leases: int = 0  # requests that resolved this version and have not answered yet
-    loaded_at: float = field(default_factory=time.time)
+    loaded_at: float | None = None  # Unix time it became ready
 
     @property
     def key(self) -> Key:
         return (self.name, self.version)
-
-    def release(self) -> None:
-        self.leases -= 1
 
     def __enter__(self) -> Version:
         return self
@@ -116,7 +113,8 @@ class ModelSet:
         return next(iter(names)) if len(names) == 1 else None
 
     def acquire(self, name: str | None = None, version: str | None = None) -> Version:
-        """:meth:`find`, leased until :meth:`Version.release`: it is not unloaded meanwhile."""
+        """:meth:`find`, leased until the ``with`` block on the returned version ends: it is not
+        unloaded meanwhile."""
         chosen = self.find(name, version)
         chosen.leases += 1
         return chosen
@@ -206,8 +204,8 @@ class ModelSet:
         return sorted(rows, key=lambda r: (r.name, version_key(r.version), r.state.value))
 
     # --- loading and swapping --------------------------------------------------------------------
-    async def sync(self) -> bool:
-        """Bring what is served in line with the repository; True when anything changed."""
+    async def sync(self) -> None:
+        """Bring what is served in line with the repository."""
         async with self._lock:
             found, problems = await asyncio.to_thread(scan, self.settings.model_path)
             self._found = {(f.name, f.version): f for f in found}
@@ -218,12 +216,11 @@ class ModelSet:
             if self.required is None:
                 wanted = [n.strip() for n in self.settings.required_models.split(",")]
                 self.required = frozenset(n for n in wanted if n) or frozenset(by_name)
-            changed = False
             for name, items in sorted(by_name.items()):
-                changed |= await self._sync_model(name, {f.version: f for f in items})
+                await self._sync_model(name, {f.version: f for f in items})
             for name in [n for n in self.serving if n not in by_name]:
                 log.warning("model %s is no longer in the repository: unloading it", name)
-                changed |= self._swap(name, ())
+                self._swap(name, ())
             for key in [k for k in self._failed if k not in self._found]:
                 del self._failed[key]  # its file is gone: nothing to report or retry
             self.problems = problems
@@ -231,9 +228,8 @@ class ModelSet:
                 log.warning("repository: %s: %s", p.path, p.reason)
             self._metrics.repository_problems.set(len(problems) + len(self._failed))
             self.scans += 1
-            return changed
 
-    async def _sync_model(self, name: str, on_disk: dict[str, Found]) -> bool:
+    async def _sync_model(self, name: str, on_disk: dict[str, Found]) -> None:
         while True:  # a failed load leaves the choice to the next version the policy allows
             # A version whose changed file failed to load goes on serving its loaded copy.
             usable = [v for v, f in on_disk.items()
@@ -245,7 +241,7 @@ class ModelSet:
                 break
             for f in to_load:
                 await self._load(f)
-        return self._swap(name, tuple(self._loaded[(name, v)] for v in wanted))
+        self._swap(name, tuple(self._loaded[(name, v)] for v in wanted))
 
     def _failed_before(self, f: Found) -> bool:
         failed = self._failed.get((f.name, f.version))
@@ -255,10 +251,10 @@ class ModelSet:
         loaded = self._loaded.get((f.name, f.version))
         return loaded is not None and loaded.found.signature == f.signature
 
-    def _swap(self, name: str, new: tuple[Version, ...]) -> bool:
+    def _swap(self, name: str, new: tuple[Version, ...]) -> None:
         old = self.serving.get(name, ())
         if old == new:
-            return False
+            return
         if new:
             self.serving[name] = new  # new requests resolve to these from now on
         else:
@@ -272,7 +268,6 @@ class ModelSet:
         log.info("model %s now serves version(s) %s (was %s)", name,
                  ", ".join(v.version for v in new) or "none",
                  ", ".join(v.version for v in old) or "none")
-        return True
 
     async def _load(self, f: Found) -> None:
         s = self.settings
@@ -310,7 +305,7 @@ class ModelSet:
                             max_wait_s=s.max_wait_ms / 1000, max_queue_images=s.max_queue_images,
                             workers=workers, inline=inline, metrics=v.metrics)
         await v.batcher.start()
-        v.state = State.READY
+        v.state, v.loaded_at = State.READY, time.time()
         self._loaded[v.key] = v
         self._failed.pop(v.key, None)
         self._metrics.model_loads.labels(f.name, "loaded").inc()

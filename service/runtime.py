@@ -1,8 +1,8 @@
 """The running service: the models (``service.model_set``), the decode pool, metrics and
 readiness, without HTTP.
 
-Routes of every protocol take a model version with :meth:`Runtime.acquire`, call
-:meth:`Runtime.decode` and :meth:`Runtime.infer` with it, and release it; the lifespan calls
+Routes of every protocol take a model version with ``with runtime.lease(...) as model:``, and
+call :meth:`Runtime.decode` and :meth:`Runtime.infer` with it inside the block; the lifespan calls
 :meth:`Runtime.start` and :meth:`Runtime.stop`.
 """
 
@@ -139,8 +139,8 @@ class Runtime:
         more than the decode; larger ones go to the decode pool, so that a big photo never
         holds the loop."""
         batcher = _batcher(model)
-        spec = model.metadata.spec if model.metadata else None
-        assert spec is not None
+        assert model.metadata is not None  # set whenever a batcher is
+        spec = model.metadata.spec
         out: list[np.ndarray | ServiceError] = []
         pool: list[tuple[int, Image.Image]] = []
         for i, data in enumerate(images):
@@ -162,9 +162,9 @@ class Runtime:
         # caller submits them right after, with no await in between.
         batcher.expect(len(pool))
         try:
-            done = await asyncio.gather(
-                *(loop.run_in_executor(self._decode_pool, self._pixels, img, spec)
-              for _, img in pool))
+            done = await asyncio.gather(*(
+                loop.run_in_executor(self._decode_pool, self._pixels, img, spec)
+                for _, img in pool))
         finally:
             batcher.expected_done(len(pool))
         for (i, _), item in zip(pool, done, strict=True):
