@@ -95,37 +95,38 @@ def _final_softmax(proto: onnx.ModelProto) -> onnx.NodeProto:
     return node
 
 
-def logits_of(path: Path, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """The inputs of the final Softmax for N×C×H×W float32 images, from the ONNX file."""
-    proto = onnx.load(str(path))
+def logits_of(model: Path | onnx.ModelProto, *image_sets: np.ndarray,
+              batch: int = 256) -> list[np.ndarray]:
+    """The inputs of the final Softmax for each N×C×H×W float32 image set, from one session."""
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model if isinstance(model, onnx.ModelProto) else onnx.load(str(model)))
     softmax_node = _final_softmax(proto)
     del proto.graph.output[:]
     proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(softmax_node.input[0]))
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(None, {INPUT_NAME: images[i : i + batch]})[0]
-                           for i in range(0, len(images), batch)])
+    return [np.concatenate([session.run(None, {INPUT_NAME: images[i : i + batch]})[0]
+                            for i in range(0, len(images), batch)]) for images in image_sets]
 
 
 def calibrate_onnx(path: Path, out: Path, val: tuple[np.ndarray, np.ndarray],
                    test: tuple[np.ndarray, np.ndarray] | None = None) -> Calibration:
     """Fit T on ``val`` (images in [0, 1], labels), write ``out`` = ``path`` with logits / T
     before its softmax and the figures in its metadata; ``test`` is only measured."""
-    val_logits = logits_of(path, val[0])
-    t = fit_temperature(val_logits, val[1])
-    test_logits = logits_of(path, test[0]) if test is not None else None
-    cal = Calibration(
-        temperature=t, bins=BINS,
-        ece_validation_before=expected_calibration_error(softmax(val_logits, 1), val[1]),
-        ece_validation_after=expected_calibration_error(softmax(val_logits / t, 1), val[1]),
-        ece_test_before=(expected_calibration_error(softmax(test_logits, 1), test[1])
-                         if test is not None and test_logits is not None else None),
-        ece_test_after=(expected_calibration_error(softmax(test_logits / t, 1), test[1])
-                        if test is not None and test_logits is not None else None),
-        validation_images=len(val[1]), test_images=len(test[1]) if test is not None else None)
     proto = onnx.load(str(path))
-    node = _final_softmax(proto)
     if any(p.key == METADATA_KEY for p in proto.metadata_props):
         raise CalibrationError(f"{path} is calibrated already")
+    node = _final_softmax(proto)
+    sets = [val] if test is None else [val, test]
+    logits = logits_of(proto, *(images for images, _ in sets))
+    t = fit_temperature(logits[0], val[1])
+    ece = [(expected_calibration_error(softmax(z, 1), y),
+            expected_calibration_error(softmax(z / t, 1), y))
+           for z, (_, y) in zip(logits, sets, strict=True)]
+    test_ece = ece[1] if test is not None else (None, None)
+    cal = Calibration(
+        temperature=t, bins=BINS, ece_validation_before=ece[0][0], ece_validation_after=ece[0][1],
+        ece_test_before=test_ece[0], ece_test_after=test_ece[1], validation_images=len(val[1]),
+        test_images=len(test[1]) if test is not None else None)
     scaled = node.input[0] + "_over_temperature"
     proto.graph.initializer.append(onnx.numpy_helper.from_array(
         np.array(1.0 / t, dtype=np.float32), "inverse_temperature"))
@@ -139,7 +140,7 @@ def calibrate_onnx(path: Path, out: Path, val: tuple[np.ndarray, np.ndarray],
     onnx.save_model(proto, str(tmp), save_as_external_data=False)
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     got = session.run(None, {INPUT_NAME: val[0][:64]})[0]
-    want = softmax(val_logits[:64] / t, 1)
+    want = softmax(logits[0][:64] / t, 1)
     if not np.allclose(got, want, atol=1e-5) or not (got.argmax(1) == want.argmax(1)).all():
         tmp.unlink(missing_ok=True)
         raise CalibrationError("the calibrated graph does not give softmax(logits / T)")

@@ -1,5 +1,5 @@
-"""Command line: ``python -m training {train,evaluate,export,calibrate,export-imagenet,
-write-folder}``; it only parses."""
+"""Command line: ``python -m training {train,evaluate,export,calibrate,quantize,
+export-imagenet,write-folder}``; it only parses."""
 
 from __future__ import annotations
 
@@ -70,11 +70,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     worst = export_onnx(model, spec, ckpt["classes"], Path(args.out), info)
     report: dict[str, Any] = {"out": args.out, "max_abs_diff_vs_torch": worst,
                               "test_accuracy": accuracy}
-    if args.calibrate:  # on the run's own validation split, never its test images
-        report["calibration"] = _calibrate(Path(args.out), Path(args.out), cfg.data,
-                                           cfg.val_fraction, cfg.seed)
-    for kind in args.quantize:
-        report[kind] = _variant(Path(args.out), kind, cfg.data, args.max_loss)
+    if args.calibrate or args.quantize:  # the run's own splits, read once
+        out = Path(args.out)
+        splits = _splits(out, cfg.data, cfg.val_fraction, cfg.seed)
+        if args.calibrate:  # on the validation split, never the test images
+            report["calibration"] = _calibrate(out, out, splits)
+        for kind in args.quantize:
+            report[kind] = _variant(out, kind, args.max_loss, splits)
     print(json.dumps(report))
     return 0
 
@@ -82,9 +84,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 Arrays = tuple[np.ndarray, np.ndarray]  # images in [0, 1], labels
 
 
-def _calibration_data(data: str, val_fraction: float, seed: int,
-                      path: Path) -> tuple[Arrays, Arrays | None]:
-    """The validation split (for fitting) and the test split (for measuring), decoded with the
+def _splits(path: Path, data: str, val_fraction: float, seed: int) -> dict[str, Arrays | None]:
+    """The data's train, val and test splits (test None when it has none), decoded with the
     ONNX file's own preprocessing, as [0, 1] float32 images and labels."""
     from service.imaging import PreprocessSpec
     from service.onnx_meta import read_metadata_props
@@ -93,57 +94,58 @@ def _calibration_data(data: str, val_fraction: float, seed: int,
     spec = PreprocessSpec.from_json(read_metadata_props(path)["imgserve.preprocess"])
     splits = load_data(data, val_fraction, seed, spec=spec, interpolation=spec.interpolation)
 
-    def arrays(s: ImageSet) -> Arrays:
-        return s.images.numpy().astype(np.float32) / 255, s.labels.numpy()
+    def arrays(s: ImageSet | None) -> Arrays | None:
+        return None if s is None else (s.images.numpy().astype(np.float32) / 255,
+                                       s.labels.numpy())
 
-    return arrays(splits.val), arrays(splits.test) if splits.test is not None else None
+    return {"train": arrays(splits.train), "val": arrays(splits.val), "test": arrays(splits.test)}
 
 
-def _calibrate(path: Path, out: Path, data: str, val_fraction: float, seed: int) -> dict[str, Any]:
+def _calibrate(path: Path, out: Path, splits: dict[str, Arrays | None]) -> dict[str, Any]:
+    """Fitted on the validation split, measured on the test split too."""
     from training.calibrate import calibrate_onnx
 
-    val, test = _calibration_data(data, val_fraction, seed, path)
-    return json.loads(calibrate_onnx(path, out, val, test).to_json())
+    val = splits["val"]
+    assert val is not None
+    return json.loads(calibrate_onnx(path, out, val, splits["test"]).to_json())
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     path = Path(args.model)
-    cal = _calibrate(path, Path(args.out) if args.out else path, args.data, args.val_fraction,
-                     args.seed)
-    print(json.dumps(cal))
+    splits = _splits(path, args.data, args.val_fraction, args.seed)
+    print(json.dumps(_calibrate(path, Path(args.out) if args.out else path, splits)))
     return 0
 
 
-def _variant(path: Path, kind: str, data: str, max_loss: float, out: Path | None = None
-             ) -> dict[str, Any]:
-    """Write ``<path stem>.<kind>.onnx`` (or ``out``), measured on the data's test split (the
-    validation split when there is none) and calibrated (int8) on 512 of its training images;
-    ``data == "photos"``: scikit-image's photographs, top-1 agreement with fp32."""
+def _variant(path: Path, kind: str, max_loss: float, splits: dict[str, Arrays | None] | None,
+             out: Path | None = None) -> dict[str, Any]:
+    """Write ``<path stem>.<kind>.onnx`` (or ``out``), measured on the test split (the
+    validation split when there is none) and calibrated (int8) on 512 training images; with no
+    ``splits``, on scikit-image's photographs, by top-1 agreement with fp32."""
     from training.quantize import make_variant
 
     target = out or path.with_name(f"{path.stem}.{kind}.onnx")
     labels: np.ndarray | None = None
-    if data == "photos":
+    if splits is None:
         from training.photos import calibration_and_check_photos
 
         calibration, images = calibration_and_check_photos(path)
     else:
-        from service.imaging import PreprocessSpec
-        from service.onnx_meta import read_metadata_props
-        from training.data import load_data
-
-        spec = PreprocessSpec.from_json(read_metadata_props(path)["imgserve.preprocess"])
-        splits = load_data(data, 0.1, 0, spec=spec, interpolation=spec.interpolation)
-        measured = splits.test if splits.test is not None else splits.val
-        images = measured.images.numpy().astype(np.float32) / 255
-        labels = measured.labels.numpy()
-        calibration = splits.train.images[:512].numpy().astype(np.float32) / 255
+        measured, train = splits["test"] or splits["val"], splits["train"]
+        assert measured is not None
+        assert train is not None
+        images, labels = measured
+        calibration = train[0][:512]
     variant = make_variant(path, target, kind, calibration, images, labels, max_loss)
-    return {"out": str(target), **json.loads(variant.to_json())}
+    return {"out": str(target), "size_bytes": target.stat().st_size,
+            **json.loads(variant.to_json())}
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    print(json.dumps(_variant(Path(args.model), args.kind, args.data, args.max_loss,
+    path = Path(args.model)
+    splits = None if args.data == "photos" else _splits(path, args.data, args.val_fraction,
+                                                         args.seed)
+    print(json.dumps(_variant(path, args.kind, args.max_loss, splits,
                               Path(args.out) if args.out else None)))
     return 0
 
@@ -164,6 +166,12 @@ def _cmd_write_folder(args: argparse.Namespace) -> int:
     n = write_image_folder(images, Path(args.out), classes, args.per_class)
     print(f"wrote {n} images under {args.out}")
     return 0
+
+
+def _add_split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="as for train: the validation split the model was not trained on")
+    p.add_argument("--seed", type=int, default=0, help="as for train")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="ONNX file to write (default: <model stem>.<kind>.onnx)")
     p.add_argument("--max-loss", type=float, default=0.005,
                    help="accuracy (or agreement) a variant may lose, as a fraction")
+    _add_split_args(p)
     p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("calibrate", help="calibrate an exported ONNX model",
@@ -223,9 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="ONNX file exported by `training export --no-calibrate`")
     p.add_argument("--out", help="ONNX file to write (default: replace the input)")
     p.add_argument("--data", default="fashion-mnist", help="as for train")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="as for train: the validation split the model was not trained on")
-    p.add_argument("--seed", type=int, default=0, help="as for train")
+    _add_split_args(p)
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("export-imagenet", help="export the pretrained ImageNet photo model",

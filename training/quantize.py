@@ -47,7 +47,6 @@ class Variant:
     measure: str  # "accuracy" or "top1_agreement"
     images: int
     calibration_images: int
-    size_bytes: int
 
     def to_json(self) -> str:
         return json.dumps({k: round(v, 6) if isinstance(v, float) else v
@@ -117,17 +116,13 @@ def make_variant(path: Path, out: Path, kind: str, calibration: np.ndarray,
                 f"(--max-loss); nothing was written")
         proto = onnx.load(str(candidate))
         variant = Variant(kind, acc, ref_acc, measure, len(images),
-                          len(calibration) if kind == "int8" else 0, 0)
+                          len(calibration) if kind == "int8" else 0)
         # Its own name, so that a repository holding both serves both (not a conflict).
         name = read_metadata_props(path).get("imgserve.model_name", path.stem)
         meta = {METADATA_KEY: variant.to_json(), "imgserve.model_name": f"{name}_{kind}"}
         if labels is not None:
             meta["imgserve.test_accuracy"] = f"{acc:.4f}"
         set_metadata(proto, meta)
-        onnx.save(proto, str(candidate))
-        size = candidate.stat().st_size
-        variant = Variant(**{**asdict(variant), "size_bytes": size})
-        set_metadata(proto, {METADATA_KEY: variant.to_json()})
         onnx.save(proto, str(candidate))
         out.parent.mkdir(parents=True, exist_ok=True)
         candidate.replace(out)

@@ -56,7 +56,7 @@ def test_a_real_model_is_calibrated_in_its_graph(tiny_onnx: Path, tmp_path: Path
     session = ort.InferenceSession(str(out))
     after = session.run(None, {"input": test[0]})[0]
     assert (before.argmax(1) == after.argmax(1)).all()  # the same answers, other scores
-    np.testing.assert_allclose(after, softmax(logits_of(tiny_onnx, test[0]) / cal.temperature,
+    np.testing.assert_allclose(after, softmax(logits_of(tiny_onnx, test[0])[0] / cal.temperature,
                                               axis=1), atol=1e-5)
     meta = read_metadata(session, out, "")
     assert meta.calibration is not None
