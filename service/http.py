@@ -68,38 +68,47 @@ class Protocol(HttpToolsProtocol):
     body_timeout_s: float = 30.0
     max_connections: int = 1024
 
+    # What the connection waits for ("headers" or "body", None between requests) and since when.
+    # The deadline's timer is armed only when a read ends with the request still incomplete, so
+    # a request that arrives in one read (almost all of them) costs no timer at all.
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._header_timer: asyncio.TimerHandle | None = None
-        self._body_timer: asyncio.TimerHandle | None = None
+        self._waiting: str | None = None
+        self._since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._body_bytes = 0
         self._over_cap = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_OneWritePerTurn(transport, self.loop))  # type: ignore[arg-type]
         self._over_cap = len(self.connections) > self.max_connections
-        self._arm_header_timer()
+        self._wait_for("headers")
+        self._arm_timer()  # a connection that never sends a byte
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_header_timer()
-        self._cancel_body_timer()
+        self._wait_for(None)
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._waiting is not None and self._timer is None and not self.transport.is_closing():
+            self._arm_timer()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._header_timer is None:
-            self._arm_header_timer()
+        if self._waiting is None:
+            self._wait_for("headers")
 
     def on_headers_complete(self) -> None:
-        self._cancel_header_timer()
         if self._over_cap:
+            self._wait_for(None)
             self._refuse(raw_error(
                 "503 Service Unavailable", "overloaded",
                 f"this worker has {len(self.connections)} open connections (limit "
                 f"{self.max_connections}); retry shortly", b"retry-after: 1\r\n"))
             return
         self._body_bytes = 0
-        self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_timeout)
+        self._wait_for("body")
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -107,28 +116,30 @@ class Protocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._cancel_body_timer()
+        self._wait_for(None)
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
         self.transport.flush()  # type: ignore[attr-defined]  # the answer is whole: send it now
         super().on_response_complete()
 
-    def _arm_header_timer(self) -> None:
-        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+    def _wait_for(self, what: str | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._waiting = what
+        self._since = self.loop.time()
 
-    def _cancel_header_timer(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _cancel_body_timer(self) -> None:
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
+    def _arm_timer(self) -> None:
+        if self._waiting == "headers":
+            self._timer = self.loop.call_at(self._since + self.header_timeout_s,
+                                            self._header_timeout)
+        elif self._waiting == "body":
+            self._timer = self.loop.call_at(self._since + self.body_timeout_s,
+                                            self._body_timeout)
 
     def _body_timeout(self) -> None:
-        self._body_timer = None
+        self._timer = None
         if self.cycle is not None and self.cycle.response_started:
             self.transport.close()  # answered already (a refusal); the rest is not wanted
             return
@@ -137,7 +148,7 @@ class Protocol(HttpToolsProtocol):
                                f"s ({self._body_bytes} bytes received)"))
 
     def _header_timeout(self) -> None:
-        self._header_timer = None
+        self._timer = None
         if self.cycle is not None and not self.cycle.response_complete:
             return  # a request is being answered; its own deadlines apply
         self._refuse(raw_error("408 Request Timeout", "request_timeout",

@@ -23,7 +23,7 @@ from service.batcher import Batcher
 from service.config import Settings
 from service.errors import ModelNotReady, ServiceError, ShuttingDown
 from service.imaging import PreprocessSpec, open_image, pixels_of, to_model_input
-from service.metrics import Metrics
+from service.metrics import FLUSH_INTERVAL_S, Metrics
 from service.model import Classifier, OnnxClassifier
 from service.model_set import ClassifierFactory, ModelSet, Version
 
@@ -50,6 +50,7 @@ class Runtime:
         self._loaded = asyncio.Event()
         self._rescan = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
 
     # --- readiness ---------------------------------------------------------------------------
     @property
@@ -73,6 +74,12 @@ class Runtime:
         background, so liveness answers meanwhile; then rescan every ``model_poll_s`` seconds
         and whenever :meth:`rescan` is called (on SIGHUP)."""
         self._watcher = asyncio.create_task(self._watch(), name="model-repository")
+        self._flusher = asyncio.create_task(self._flush_metrics(), name="metrics-flush")
+
+    async def _flush_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            self.metrics.flush()
 
     def rescan(self) -> None:
         """Ask for a rescan of the repository now (the SIGHUP handler)."""
@@ -101,10 +108,12 @@ class Runtime:
 
     async def stop(self) -> None:
         self.begin_shutdown()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
+        tasks = [t for t in (self._watcher, self._flusher) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.models.close()
+        self.metrics.flush()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- work ----------------------------------------------------------------------------------
