@@ -172,12 +172,12 @@ def pixels_of(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
             img.draft(spec.color_mode, spec.scaled_size(*img.size))
         try:
             img.load()
-            oriented = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise PayloadTooLarge(f"image has too many pixels: {exc}") from exc
         except Exception as exc:  # truncated or corrupt data: every decoder raises its own type
             raise InvalidImage(f"cannot decode the image: {exc}") from exc
-        out = _to_mode(oriented, spec.color_mode)
+        out = _to_mode(img, spec.color_mode)
         scaled = spec.scaled_size(*out.size)
         if out.size != scaled:
             out = out.resize(scaled, _RESAMPLE[spec.interpolation])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import math
 import multiprocessing
@@ -140,6 +141,11 @@ def serve_here(settings: Settings, sockets: list[socket.socket] | None = None,
 
     runtime = Runtime(settings, factory) if factory else Runtime(settings)
     app = create_app(settings, runtime=runtime, load_before_serving=sockets is not None)
+    # What exists now (modules, the app) lives as long as the process: keep it out of the cyclic
+    # collector's scans, which otherwise walk all of it (about 76,000 objects) in every full
+    # collection, a pause of tens of milliseconds a few times a minute under load.
+    gc.collect()
+    gc.freeze()
     DrainingServer(uvicorn_config(app, settings), runtime).run(sockets=sockets)
 
 
