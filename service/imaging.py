@@ -203,4 +203,6 @@ def decode_image(data: bytes, spec: PreprocessSpec, max_pixels: int | None = Non
 
 def to_model_input(pixels: np.ndarray) -> np.ndarray:
     """uint8 pixels (C×H×W or N×C×H×W) to the float32 values the model takes, in [0, 1]."""
-    return pixels.astype(np.float32) / np.float32(255.0)
+    x = pixels.astype(np.float32)  # a copy, so dividing in place is safe
+    x /= np.float32(255.0)
+    return x

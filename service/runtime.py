@@ -187,7 +187,8 @@ class Runtime:
     async def classify_pixels(self, decoded: Sequence[np.ndarray],
                               model: Version) -> tuple[np.ndarray, int]:
         """Probabilities for decoded uint8 images."""
-        return await self.infer(to_model_input(np.stack(decoded)), model)
+        batch = decoded[0][np.newaxis] if len(decoded) == 1 else np.stack(decoded)  # stack: ~3 us
+        return await self.infer(to_model_input(batch), model)
 
 
 def _batcher(model: Version) -> Batcher:

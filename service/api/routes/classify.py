@@ -54,7 +54,8 @@ BODY_DOC = {
 def top_k(probs: np.ndarray, k: int, labels: tuple[str, ...]) -> list[dict[str, Any]]:
     """The k best classes of one probability row, highest first (all of them if k is larger)."""
     order = np.argsort(-probs, kind="stable")[:k]
-    return [{"label": labels[i], "index": int(i), "score": float(probs[i])} for i in order]
+    return [{"label": labels[i], "index": i, "score": score}  # tolist(): no numpy scalars
+            for i, score in zip(order.tolist(), probs[order].tolist(), strict=True)]
 
 
 def query_top_k(request: Request) -> int:
