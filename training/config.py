@@ -32,7 +32,8 @@ class TrainConfig:
     warmup_epochs: float = _f(0.5, "linear warm-up length in epochs; avoids early Adam blow-ups")
     augment: str = _f("light", "augmentation preset: seed, light or none")
     val_fraction: float = _f(0.1, "share of training data held out for validation, seeded")
-    patience: int = _f(5, "stop after this many epochs without a better validation accuracy")
+    patience: int = _f(5, "stop after this many epochs without a better validation accuracy "
+                  "(or an equal one with a lower loss)")
     seed: int = _f(0, "seed for split, shuffling, augmentation and initialisation")
     amp: str = _f("auto", "mixed precision: auto (bf16 where supported), bf16, fp16 or off")
     interpolation: str = _f("bilinear", "resize filter for folder images; stored in the model")
@@ -46,6 +47,11 @@ class TrainConfig:
     backbone_lr_scale: float = _f(0.1, "with --pretrained: the backbone's learning rate once "
                                   "thawed, relative to --lr; small, so ImageNet features move "
                                   "slowly")
+    backbone_bn: str = _f("frozen", "with --pretrained: the backbone's batch norm: frozen "
+                          "(ImageNet statistics) or adapt (following the training batches once the "
+                          "backbone learns)")
+    ema_decay: float = _f(0.0, "keep an exponential moving average of the weights (decay per "
+                          "step, for example 0.98); it is validated, kept and exported. 0 = off")
     limit: int = _f(0, "use only the first N images of each split (0 = all); for quick runs")
     threads: int = _f(0, "CPU threads for torch; 0 = all available cores")
 

@@ -2,9 +2,11 @@
 
 For the first ``freeze_epochs`` only the new head learns (the backbone's parameters take no
 gradient, which also makes those epochs cheap); then the backbone learns too, at
-``backbone_lr_scale`` of the head's rate, so the pretrained features move slowly. Batch-norm
-layers of the backbone keep their ImageNet statistics throughout (evaluation mode): the
-few-image batches of a small folder would make poor estimates of them.
+``backbone_lr_scale`` of the head's rate, so the pretrained features move slowly.
+
+Batch norm, ``bn``: ``frozen`` keeps the backbone's ImageNet statistics throughout (evaluation
+mode), right when batches are too small to estimate them; ``adapt`` keeps them while the backbone
+is frozen, then lets them follow the training batches once it learns (training mode).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from training.efficientnet_lite import (
 )
 
 PRETRAINED = ("efficientnet_lite0",)
+BN_MODES = ("frozen", "adapt")
+# With ``adapt``, how fast the running statistics follow the training batches: PyTorch's default,
+# against EfficientNet's 0.01 (a lag of ~100 steps, several epochs of a small folder, during which
+# validation would see statistics that match neither ImageNet nor the new images).
+ADAPT_MOMENTUM = 0.1
 
 
 def imagenet_stats(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -39,8 +46,12 @@ def backbone_of(model: nn.Module) -> EfficientNetLite0:
 class FineTune:
     """The head/backbone split of a model built with ``--pretrained``."""
 
-    def __init__(self, model: nn.Module, freeze_epochs: int, backbone_lr_scale: float) -> None:
+    def __init__(self, model: nn.Module, freeze_epochs: int, backbone_lr_scale: float,
+                 bn: str = "frozen") -> None:
+        if bn not in BN_MODES:
+            raise ValueError(f"batch-norm mode must be one of {BN_MODES}, not {bn!r}")
         self.net = backbone_of(model)
+        self.bn = bn
         self.freeze_epochs = freeze_epochs
         self.backbone_lr_scale = backbone_lr_scale
         self.head = list(self.net._fc.parameters())
@@ -61,10 +72,13 @@ class FineTune:
                 {"params": self.backbone, "lr": lr * self.backbone_lr_scale}]
 
     def start_epoch(self, epoch: int) -> None:
-        """Call after ``model.train()``: freeze or thaw the backbone, keep its BN statistics."""
+        """Call after ``model.train()``: freeze or thaw the backbone and its BN statistics."""
         frozen = epoch < self.freeze_epochs
         for p in self.backbone:
             p.requires_grad_(not frozen)
         for m in self.net.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.eval()
+                if frozen or self.bn == "frozen":
+                    m.eval()
+                else:
+                    m.momentum = ADAPT_MOMENTUM

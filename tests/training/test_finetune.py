@@ -9,10 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from training.config import TrainConfig
-from training.finetune import FineTune
+from training.finetune import ADAPT_MOMENTUM, FineTune
 from training.models import build_model
 from training.train import load_checkpoint
 
@@ -54,3 +55,19 @@ def test_the_backbone_is_frozen_then_thawed_and_keeps_its_statistics() -> None:
     groups = fine.param_groups(1e-3)
     assert [g["lr"] for g in groups] == [1e-3, 1e-4]
     assert model(torch.rand(2, 1, 64, 64)).shape == (2, 4)  # grey in, as three channels
+
+
+def test_batch_norm_can_follow_the_new_images_once_the_backbone_learns() -> None:
+    model = build_model("efficientnet_lite0", 1, 4, 64, 64, (0.449,), (0.226,))
+    fine = FineTune(model, freeze_epochs=1, backbone_lr_scale=0.1, bn="adapt")
+    model.train()
+    fine.start_epoch(0)
+    assert not fine.net._bn0.training  # frozen with the backbone
+    model.train()
+    fine.start_epoch(1)
+    assert fine.net._bn0.training and fine.net._bn0.momentum == ADAPT_MOMENTUM
+    before = fine.net._bn0.running_mean.clone()
+    model(torch.rand(4, 1, 64, 64))
+    assert not torch.equal(before, fine.net._bn0.running_mean)
+    with pytest.raises(ValueError, match="batch-norm mode"):
+        FineTune(model, 1, 0.1, bn="sync")

@@ -11,7 +11,7 @@ import torch
 
 from training import train as train_module
 from training.config import TINY, TrainConfig
-from training.train import lr_factor, train, weights_digest
+from training.train import is_better, lr_factor, model_from_checkpoint, train, weights_digest
 
 
 def _cfg(out: Path, **kw: object) -> TrainConfig:
@@ -111,3 +111,29 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path: Path) -> Non
     model, _ = model_from_checkpoint(ckpt)
     assert weights_digest(model) == digests[0]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_best_epoch_is_the_most_accurate_then_the_least_lossy() -> None:
+    assert is_better(0.9, 0.5, 0.88, 0.1)  # accuracy first
+    assert not is_better(0.88, 0.1, 0.9, 0.5)
+    assert is_better(0.9, 0.4, 0.9, 0.5)  # a tie goes to the lower loss
+    assert not is_better(0.9, 0.5, 0.9, 0.5)  # an exact repeat is no progress (early stopping)
+    assert not is_better(0.9, float("nan"), 0.9, float("nan"))  # no validation split
+
+
+def test_weight_average_is_what_is_kept_and_resume_carries_both(tmp_path: Path) -> None:
+    train(_cfg(tmp_path, epochs=1, ema_decay=0.9))
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert {"model", "trained", "ema"} <= set(ckpt)
+    averaged, trained = ckpt["model"], ckpt["trained"]
+    assert set(averaged) == set(trained)
+    assert not all(torch.equal(averaged[k], trained[k]) for k in averaged)
+    model, _ = model_from_checkpoint(ckpt)  # the average is what evaluate and export load
+    assert all(torch.equal(model.state_dict()[k], averaged[k]) for k in averaged)
+    result = train(_cfg(tmp_path, epochs=2, patience=5, ema_decay=0.9), resume=tmp_path)
+    assert result.epochs_run == 1
+    resumed = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert int(resumed["ema"]["n_averaged"]) == 2 * int(ckpt["ema"]["n_averaged"])
+    train(_cfg(tmp_path / "plain", epochs=1))
+    with pytest.raises(ValueError, match="without --ema-decay"):
+        train(_cfg(tmp_path / "plain", epochs=2, ema_decay=0.9), resume=tmp_path / "plain")
