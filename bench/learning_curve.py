@@ -1,21 +1,25 @@
 """Learning curve with little data: the seed CNN from scratch against EfficientNet-Lite0
 fine-tuned from ImageNet weights, on Fashion-MNIST folders of N training images per class,
 scored on the same held-out test images (the first ``--test-per-class`` of each class of the
-test split). Each run goes through the user's path: an image folder, ``training.train``, the
-best checkpoint; the test images are decoded by the model's own preprocessing.
+test split), or with ``--score-on dev`` on images of the training split that no run trains on,
+for choosing a recipe without the test images. Each run goes through the user's path: an image
+folder, ``training.train``, the best checkpoint; the images scored are decoded by the model's
+own preprocessing. ``--seeds`` repeats every cell with other training seeds and reports the mean.
 
-    .venv/bin/python bench/learning_curve.py                   # ~15 minutes on 2 cores
-    .venv/bin/python bench/learning_curve.py --per-class 50 --methods finetune
+    .venv/bin/python bench/learning_curve.py                   # ~20 minutes on 2 cores
+    .venv/bin/python bench/learning_curve.py --per-class 50 --methods finetune --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,39 +31,45 @@ from training.config import TrainConfig  # noqa: E402
 from training.data import load_fashion_mnist, load_folder, write_image_folder  # noqa: E402
 from training.train import load_checkpoint, model_from_checkpoint, predict_proba, train  # noqa: E402
 
+# ImageNet EfficientNet-Lite0 at 96 px (a CPU-friendly size), head first, then all of it.
+_FROZEN_BN = {"model": "efficientnet_lite0", "pretrained": True, "image_size": 96,
+              "epochs": 30, "freeze_epochs": 2, "patience": 8, "batch_size": 32,
+              "augment": "light", "label_smoothing": 0.1, "backbone_lr_scale": 0.3}
 METHODS = {
     # the seed CNN as the measured baseline: light augmentation, long patience
     "scratch": {"model": "seed_cnn", "epochs": 150, "patience": 40, "batch_size": 32,
                 "augment": "light"},
-    # ImageNet EfficientNet-Lite0 at 96 px (a CPU-friendly size), head first, then all of it;
-    # the best of the recipes tried at 50 images per class (see the README)
-    "finetune": {"model": "efficientnet_lite0", "pretrained": True, "image_size": 96,
-                 "epochs": 30, "freeze_epochs": 2, "patience": 8, "batch_size": 32,
-                 "augment": "light", "label_smoothing": 0.1, "backbone_lr_scale": 0.3},
+    # the recipe chosen at 50 images per class on dev images (see the README): batch norm
+    # adapted to the new images once the backbone learns, up to 40 epochs
+    "finetune": {**_FROZEN_BN, "backbone_bn": "adapt", "epochs": 40, "patience": 12},
 }
 
-
-_BEST = METHODS["finetune"]
-_LONG = {**_BEST, "backbone_lr_scale": 0.1}  # 30 epochs, patience 8, label smoothing 0.1
+_LONG = {**_FROZEN_BN, "backbone_lr_scale": 0.1}  # 30 epochs, patience 8, label smoothing 0.1
 # The other fine-tuning recipes tried at 50 images per class, for the README's comparison:
-#   bench/learning_curve.py --per-class 50 --methods finetune-first ft-long ft-bb05 ...
+#   bench/learning_curve.py --per-class 50 --methods ft-frozen-bn ft-ema ... [--score-on dev]
 METHODS.update({
-    "finetune-first": {**_BEST, "epochs": 10, "patience": 4, "label_smoothing": 0.0,
+    "ft-frozen-bn": _FROZEN_BN,  # ImageNet statistics kept throughout; the recipe before
+    "ft-ema": {**_FROZEN_BN, "ema_decay": 0.98},
+    "ft-adapt-ema": {**_FROZEN_BN, "backbone_bn": "adapt", "epochs": 40, "patience": 12,
+                     "ema_decay": 0.98},
+    # the first round, on the test images, one run each:
+    "finetune-first": {**_FROZEN_BN, "epochs": 10, "patience": 4, "label_smoothing": 0.0,
                        "backbone_lr_scale": 0.1},
     "ft-long": _LONG,
-    "ft-bb05": {**_BEST, "backbone_lr_scale": 0.5},
-    "ft-freeze3-40ep": {**_BEST, "freeze_epochs": 3, "epochs": 40, "patience": 10},
-    "ft-seed-augment": {**_BEST, "augment": "seed"},
-    "ft-wd": {**_BEST, "weight_decay": 0.05},
-    "ft-lr2e-3": {**_BEST, "lr": 2e-3},
-    "ft-112px": {**_BEST, "image_size": 112},
+    "ft-bb05": {**_FROZEN_BN, "backbone_lr_scale": 0.5},
+    "ft-freeze3-40ep": {**_FROZEN_BN, "freeze_epochs": 3, "epochs": 40, "patience": 10},
+    "ft-seed-augment": {**_FROZEN_BN, "augment": "seed"},
+    "ft-wd": {**_FROZEN_BN, "weight_decay": 0.05},
+    "ft-lr2e-3": {**_FROZEN_BN, "lr": 2e-3},
+    "ft-112px": {**_FROZEN_BN, "image_size": 112},
     "ft-128px": {**_LONG, "epochs": 25, "image_size": 128},
 })
 
 
-def run(method: str, per_class: int, folder: Path, test: Path, out: Path) -> dict[str, float]:
+def run(method: str, per_class: int, folder: Path, test: Path, out: Path,
+        seed: int = 0, scored_on: str = "test") -> dict[str, Any]:
     cfg = TrainConfig.from_dict({**METHODS[method], "data": str(folder), "out": str(out),
-                                 "threads": 0, "val_fraction": 0.1, "seed": 0})
+                                 "threads": 0, "val_fraction": 0.1, "seed": seed})
     started = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - started
@@ -67,9 +77,9 @@ def run(method: str, per_class: int, folder: Path, test: Path, out: Path) -> dic
     images, _ = load_folder(test, spec)
     probs = predict_proba(model, images.images)
     accuracy = float((probs.argmax(1) == images.labels).float().mean())
-    return {"method": method, "per_class": per_class, "test_accuracy": accuracy,
-            "train_seconds": round(seconds, 1), "epochs": result.epochs_run,
-            "test_images": len(images)}
+    return {"method": method, "per_class": per_class, "seed": seed,
+            f"{scored_on}_accuracy": accuracy, "train_seconds": round(seconds, 1),
+            "epochs": result.epochs_run, f"{scored_on}_images": len(images)}
 
 
 def main() -> int:
@@ -79,6 +89,13 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["scratch", "finetune"],
                         choices=list(METHODS))
     parser.add_argument("--test-per-class", type=int, default=200)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="training seeds (split, order, augmentation, head); each cell is "
+                             "the mean over them, with the spread")
+    parser.add_argument("--score-on", choices=("test", "dev"), default="test",
+                        help="dev: score on images of the training split that no run trains on "
+                             "(the last --test-per-class of each class), for choosing a recipe "
+                             "without looking at the test images")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "learning_curve")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -87,20 +104,35 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         test = Path(tmp) / "test"
-        write_image_folder(load_fashion_mnist("test"), test, None, args.test_per_class)
         train_split = load_fashion_mnist("train")
+        if args.score_on == "dev":
+            if max(args.per_class) + args.test_per_class > 6000:  # 6,000 per class in train
+                parser.error("--score-on dev needs --per-class + --test-per-class <= 6000")
+            write_image_folder(train_split.subset(torch.arange(len(train_split) - 1, -1, -1)),
+                               test, None, args.test_per_class)
+        else:
+            write_image_folder(load_fashion_mnist("test"), test, None, args.test_per_class)
         for n in args.per_class:
             folder = Path(tmp) / f"train{n}"
             write_image_folder(train_split, folder, None, n)
             for method in args.methods:
-                row = run(method, n, folder, test, args.out / f"{method}-{n}")
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-    print("\n| images per class | method | test accuracy | epochs | training time (s) |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['per_class']} | {r['method']} | {r['test_accuracy']:.1%} | {r['epochs']} | "
-              f"{r['train_seconds']:.0f} |")
+                runs = []
+                for seed in args.seeds:
+                    row = run(method, n, folder, test, args.out / f"{method}-{n}-s{seed}", seed,
+                              args.score_on)
+                    runs.append(row)
+                    print(json.dumps(row), flush=True)
+                rows.append(runs)
+    print(f"\n| images per class | method | {args.score_on} accuracy | seeds | epochs | "
+          "training time (s) |")
+    print("|---|---|---|---|---|---|")
+    for runs in rows:
+        acc = [r[f"{args.score_on}_accuracy"] for r in runs]
+        spread = (f" (min {min(acc):.1%}, max {max(acc):.1%}, sd {statistics.stdev(acc):.1%})"
+                  if len(acc) > 1 else "")
+        print(f"| {runs[0]['per_class']} | {runs[0]['method']} | {statistics.mean(acc):.1%}"
+              f"{spread} | {len(runs)} | {statistics.mean(r['epochs'] for r in runs):.0f} | "
+              f"{statistics.mean(r['train_seconds'] for r in runs):.0f} |")
     return 0
 
 
