@@ -143,7 +143,7 @@ def _checkpoint(
     # exported) and "trained" the optimiser's own weights, which --resume carries on from.
     weights = {"model": model.state_dict()} if ema is None else {
         "model": ema.module.state_dict(), "trained": model.state_dict(),
-        "ema": ema.state_dict()}
+        "ema_steps": int(ema.n_averaged)}
     return {
         "format": 1,
         "config": cfg.to_dict(),
@@ -254,11 +254,12 @@ def _train(
                              "bad_epochs": 0}
     if resume is not None:
         ckpt = load_checkpoint(resume if resume.is_file() else resume / "last.pt")
-        if ema is not None and "ema" not in ckpt:
+        if ema is not None and "trained" not in ckpt:
             raise ValueError(f"{resume} was trained without --ema-decay; resume it without")
         model.load_state_dict(ckpt["trained" if ema is not None else "model"])
         if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
+            ema.module.load_state_dict(ckpt["model"])
+            ema.n_averaged.fill_(ckpt["ema_steps"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         state = {k: ckpt.get(k, default) for k, default in state.items()}
