@@ -85,7 +85,8 @@ class BufferedHistogram:
 
 
 class BufferedGauge:
-    """A gauge's child whose latest value is written at :meth:`flush`."""
+    """A gauge's child whose latest value is written at :meth:`flush`. The value is kept, not
+    taken, so a ``set`` from another thread during a flush is never lost."""
 
     __slots__ = ("_child", "_value")
 
@@ -97,7 +98,7 @@ class BufferedGauge:
         self._value = value
 
     def flush(self) -> None:
-        value, self._value = self._value, None
+        value = self._value
         if value is not None:
             self._child.set(value)
 
