@@ -15,6 +15,8 @@ import numpy as np
 
 from training.config import TINY, TrainConfig
 
+log = logging.getLogger(__name__)
+
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
@@ -73,7 +75,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.calibrate or args.quantize:  # the run's own splits, read once
         out = Path(args.out)
         splits = _splits(out, cfg.data, cfg.val_fraction, cfg.seed)
-        if args.calibrate:  # on the validation split, never the test images
+        val = splits["val"]
+        if args.calibrate and (val is None or not len(val[1])):
+            report["calibration"] = None  # trained on all its images: nothing to fit T on
+            log.warning("not calibrated: the run has no validation images (--val-fraction 0)")
+        elif args.calibrate:  # on the validation split, never the test images
             report["calibration"] = _calibrate(out, out, splits)
         for kind in args.quantize:
             report[kind] = _variant(out, kind, args.max_loss, splits)
@@ -106,7 +112,9 @@ def _calibrate(path: Path, out: Path, splits: dict[str, Arrays | None]) -> dict[
     from training.calibrate import calibrate_onnx
 
     val = splits["val"]
-    assert val is not None
+    if val is None or not len(val[1]):
+        raise ValueError("calibration needs validation images; this run was trained without "
+                         "(--val-fraction 0): export with --no-calibrate")
     return json.loads(calibrate_onnx(path, out, val, splits["test"]).to_json())
 
 
@@ -132,7 +140,9 @@ def _variant(path: Path, kind: str, max_loss: float, splits: dict[str, Arrays | 
         calibration, images = calibration_and_check_photos(path)
     else:
         measured, train = splits["test"] or splits["val"], splits["train"]
-        assert measured is not None
+        if measured is None or not len(measured[1]):
+            raise ValueError("no test or validation images to measure the variant on (trained "
+                             "with --val-fraction 0 on a folder without a test split)")
         assert train is not None
         images, labels = measured
         calibration = train[0][:512]

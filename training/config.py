@@ -31,7 +31,8 @@ class TrainConfig:
     schedule: str = _f("cosine", "learning-rate schedule: constant, cosine or onecycle")
     warmup_epochs: float = _f(0.5, "linear warm-up length in epochs; avoids early Adam blow-ups")
     augment: str = _f("light", "augmentation preset: seed, light or none")
-    val_fraction: float = _f(0.1, "share of training data held out for validation, seeded")
+    val_fraction: float = _f(0.1, "share of training data held out for validation, seeded; 0 "
+                             "trains on all of it for --epochs and keeps the last epoch")
     patience: int = _f(5, "stop after this many epochs without a better validation accuracy "
                   "(or an equal one with a lower loss)")
     seed: int = _f(0, "seed for split, shuffling, augmentation and initialisation")

@@ -321,7 +321,10 @@ def _train(
             val_loss = float(F.nll_loss(val_probs.clamp_min(1e-12).log(), data.val.labels)) if len(
                 data.val) else float("nan")
             seconds = time.perf_counter() - epoch_start
-            improved = is_better(val_acc, val_loss, state["best_val_acc"], state["best_val_loss"])
+            # Without validation images there is nothing to choose by: the last epoch is kept
+            # and early stopping is off (the schedule's full length is the recipe).
+            improved = not len(data.val) or is_better(val_acc, val_loss, state["best_val_acc"],
+                                                      state["best_val_loss"])
             state = {"epoch": epoch + 1,
                      "best_val_acc": val_acc if improved else state["best_val_acc"],
                      "best_val_loss": val_loss if improved else state["best_val_loss"],

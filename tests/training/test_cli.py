@@ -41,3 +41,21 @@ def test_folder_user_story(tmp_path: Path) -> None:
 def test_bad_data_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_trained_on_every_image_exports_uncalibrated_and_says_why_it_cannot_calibrate(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data, run, onnx = tmp_path / "data", tmp_path / "run", tmp_path / "m.onnx"
+    assert main(["write-folder", "--out", str(data), "--classes", "Trouser,Bag",
+                 "--per-class", "20"]) == 0
+    assert main(["train", "--data", str(data), "--epochs", "2", "--batch-size", "8",
+                 "--val-fraction", "0", "--threads", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(onnx)]) == 0  # calibrating is the default
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["calibration"] is None and onnx.is_file()
+    assert main(["calibrate", str(onnx), "--data", str(data), "--val-fraction", "0"]) == 2
+    assert "needs validation images" in capsys.readouterr().err
+    assert main(["quantize", str(onnx), "--data", str(data), "--val-fraction", "0",
+                 "--kind", "int8"]) == 2
+    assert "no test or validation images" in capsys.readouterr().err

@@ -74,6 +74,18 @@ def test_early_stopping(tmp_path: Path) -> None:
     assert result.epochs_run == 3
 
 
+def test_without_validation_images_every_epoch_runs_and_the_last_is_kept(tmp_path: Path) -> None:
+    # Learning rate 0 would stop at epoch 3 with validation images (as above); without them
+    # there is nothing to stop on, and best.pt is the last epoch, not the first.
+    result = train(_cfg(tmp_path, epochs=4, patience=1, lr=0.0, schedule="constant",
+                        warmup_epochs=0.0, val_fraction=0.0))
+    assert result.epochs_run == 4
+    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    assert best["epoch"] == 4
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["val_loss"] != r["val_loss"] for r in rows)  # NaN: no validation loss
+
+
 def test_sgd_l1_label_smoothing_onecycle_run(tmp_path: Path) -> None:
     result = train(_cfg(tmp_path, optimizer="sgd", lr=0.05, l1=1e-6, label_smoothing=0.1,
                         schedule="onecycle", augment="seed", weight_decay=1e-4))
