@@ -40,7 +40,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if resume is not None and args.out is None:
         cfg.out = str(resume if resume.is_dir() else resume.parent)
     result = train(cfg, resume)
-    print(json.dumps({"out": str(result.out), "best_val_acc": round(result.best_val_acc, 4),
+    print(json.dumps({"out": str(result.out), "best_val_acc": None if result.best_val_acc is None
+                      else round(result.best_val_acc, 4),
                       "epochs_run": result.epochs_run, "seconds": round(result.seconds, 1),
                       "interrupted": result.interrupted}))
     return 130 if result.interrupted else 0

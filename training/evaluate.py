@@ -143,10 +143,11 @@ def plot_history(metrics_jsonl: Path, path: Path) -> None:
     epochs = [r["epoch"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     a1.plot(epochs, [r["train_loss"] for r in rows], label="train")
-    a1.plot(epochs, [r["val_loss"] for r in rows], label="validation")
-    a1.set_title("loss")
     a2.plot(epochs, [r["train_acc"] for r in rows], label="train")
-    a2.plot(epochs, [r["val_acc"] for r in rows], label="validation")
+    if any(r["val_acc"] is not None for r in rows):  # None: trained without validation images
+        a1.plot(epochs, [r["val_loss"] for r in rows], label="validation")
+        a2.plot(epochs, [r["val_acc"] for r in rows], label="validation")
+    a1.set_title("loss")
     a2.set_title("accuracy")
     for ax in (a1, a2):
         ax.set_xlabel("epoch")
@@ -164,6 +165,10 @@ def evaluation_set(cfg: TrainConfig, spec: PreprocessSpec | None = None) -> tupl
                        interpolation=cfg.interpolation)
     if splits.test is not None:
         return splits.test, "test"
+    if not len(splits.val):
+        raise ValueError(f"nothing to evaluate on: {cfg.data} has no test split and the run was "
+                         "trained without validation images (--val-fraction 0); put test images "
+                         "in <data>/test/<class>/, beside <data>/train/")
     return splits.val, "validation"
 
 

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainResult:
     out: Path
-    best_val_acc: float
+    best_val_acc: float | None  # None when trained without validation images
     epochs_run: int
     seconds: float
     interrupted: bool
@@ -315,19 +315,23 @@ def _train(
                                     img_s=f"{sums[2] * world / seconds:.0f}")
             if world > 1:
                 dist.all_reduce(sums)
-            val_probs = predict_proba(model if ema is None else ema.module, data.val.images)
-            val_acc = float((val_probs.argmax(1) == data.val.labels).float().mean()) if len(
-                data.val) else float(sums[1] / sums[2])
-            val_loss = float(F.nll_loss(val_probs.clamp_min(1e-12).log(), data.val.labels)) if len(
-                data.val) else float("nan")
-            seconds = time.perf_counter() - epoch_start
             # Without validation images there is nothing to choose by: the last epoch is kept
             # and early stopping is off (the schedule's full length is the recipe).
-            improved = not len(data.val) or is_better(val_acc, val_loss, state["best_val_acc"],
-                                                      state["best_val_loss"])
+            val_acc: float | None = None
+            val_loss: float | None = None
+            improved = True
+            if len(data.val):
+                val_probs = predict_proba(model if ema is None else ema.module, data.val.images)
+                val_acc = float((val_probs.argmax(1) == data.val.labels).float().mean())
+                val_loss = float(F.nll_loss(val_probs.clamp_min(1e-12).log(), data.val.labels))
+                improved = is_better(val_acc, val_loss, state["best_val_acc"],
+                                     state["best_val_loss"])
+            seconds = time.perf_counter() - epoch_start
             state = {"epoch": epoch + 1,
-                     "best_val_acc": val_acc if improved else state["best_val_acc"],
-                     "best_val_loss": val_loss if improved else state["best_val_loss"],
+                     "best_val_acc": val_acc if improved and val_acc is not None
+                     else state["best_val_acc"],
+                     "best_val_loss": val_loss if improved and val_loss is not None
+                     else state["best_val_loss"],
                      "bad_epochs": 0 if improved else state["bad_epochs"] + 1}
             epochs_run += 1
             if rank == 0:
@@ -354,5 +358,5 @@ def _train(
     if world > 1:
         digest = weights_digest(model)
         (out / f"weights_rank{rank}.sha256").write_text(digest + "\n")
-    return TrainResult(out, state["best_val_acc"], epochs_run, time.perf_counter() - start,
-                       interrupted)
+    return TrainResult(out, state["best_val_acc"] if len(data.val) else None, epochs_run,
+                       time.perf_counter() - start, interrupted)

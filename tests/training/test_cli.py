@@ -50,7 +50,8 @@ def test_trained_on_every_image_exports_uncalibrated_and_says_why_it_cannot_cali
                  "--per-class", "20"]) == 0
     assert main(["train", "--data", str(data), "--epochs", "2", "--batch-size", "8",
                  "--val-fraction", "0", "--threads", "1", "--out", str(run)]) == 0
-    capsys.readouterr()
+    assert main(["evaluate", str(run)]) == 2
+    assert "nothing to evaluate on" in capsys.readouterr().err
     assert main(["export", str(run), "--out", str(onnx)]) == 0  # calibrating is the default
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["calibration"] is None and onnx.is_file()

@@ -11,6 +11,7 @@ import torch
 
 from training import train as train_module
 from training.config import TINY, TrainConfig
+from training.evaluate import plot_history
 from training.train import is_better, lr_factor, model_from_checkpoint, train, weights_digest
 
 
@@ -83,7 +84,10 @@ def test_without_validation_images_every_epoch_runs_and_the_last_is_kept(tmp_pat
     best = torch.load(tmp_path / "best.pt", weights_only=False)
     assert best["epoch"] == 4
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["val_loss"] != r["val_loss"] for r in rows)  # NaN: no validation loss
+    assert all(r["val_loss"] is None is r["val_acc"] for r in rows)  # nothing to validate on
+    assert result.best_val_acc is None
+    plot_history(tmp_path / "metrics.jsonl", tmp_path / "curves.png")  # train curves only
+    assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_sgd_l1_label_smoothing_onecycle_run(tmp_path: Path) -> None:
