@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -76,8 +76,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.calibrate or args.quantize:  # the run's own splits, read once
         out = Path(args.out)
         splits = _splits(out, cfg.data, cfg.val_fraction, cfg.seed)
-        val = splits["val"]
-        if args.calibrate and (val is None or not len(val[1])):
+        if args.calibrate and not _has_images(splits["val"]):
             report["calibration"] = None  # trained on all its images: nothing to fit T on
             log.warning("not calibrated: the run has no validation images (--val-fraction 0)")
         elif args.calibrate:  # on the validation split, never the test images
@@ -89,6 +88,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 Arrays = tuple[np.ndarray, np.ndarray]  # images in [0, 1], labels
+
+
+def _has_images(split: Arrays | None) -> TypeGuard[Arrays]:
+    """False for a split the data lacks, or one left empty (trained with --val-fraction 0)."""
+    return split is not None and len(split[1]) > 0
 
 
 def _splits(path: Path, data: str, val_fraction: float, seed: int) -> dict[str, Arrays | None]:
@@ -113,7 +117,7 @@ def _calibrate(path: Path, out: Path, splits: dict[str, Arrays | None]) -> dict[
     from training.calibrate import calibrate_onnx
 
     val = splits["val"]
-    if val is None or not len(val[1]):
+    if not _has_images(val):
         raise ValueError("calibration needs validation images; this run was trained without "
                          "(--val-fraction 0): export with --no-calibrate")
     return json.loads(calibrate_onnx(path, out, val, splits["test"]).to_json())
@@ -141,7 +145,7 @@ def _variant(path: Path, kind: str, max_loss: float, splits: dict[str, Arrays | 
         calibration, images = calibration_and_check_photos(path)
     else:
         measured, train = splits["test"] or splits["val"], splits["train"]
-        if measured is None or not len(measured[1]):
+        if not _has_images(measured):
             raise ValueError("no test or validation images to measure the variant on (trained "
                              "with --val-fraction 0 on a folder without a test split)")
         assert train is not None

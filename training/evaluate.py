@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: plots go to files only
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 from sklearn import metrics as skm
 
 from service.imaging import PreprocessSpec
@@ -135,11 +136,9 @@ def plot_curves(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], o
         plt.close(fig)
 
 
-def plot_history(metrics_jsonl: Path, path: Path) -> None:
-    """Training and validation loss and accuracy per epoch."""
-    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line]
-    if not rows:
-        return
+def history_figure(rows: list[dict[str, Any]]) -> Figure:
+    """Training and validation loss and accuracy per epoch, from ``metrics.jsonl`` rows; the
+    validation lines only where the run had validation images."""
     epochs = [r["epoch"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     a1.plot(epochs, [r["train_loss"] for r in rows], label="train")
@@ -153,6 +152,15 @@ def plot_history(metrics_jsonl: Path, path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_history(metrics_jsonl: Path, path: Path) -> None:
+    """:func:`history_figure` of a run's ``metrics.jsonl``, saved to ``path``."""
+    rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line]
+    if not rows:
+        return
+    fig = history_figure(rows)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

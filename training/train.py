@@ -326,12 +326,10 @@ def _train(
                 val_loss = float(F.nll_loss(val_probs.clamp_min(1e-12).log(), data.val.labels))
                 improved = is_better(val_acc, val_loss, state["best_val_acc"],
                                      state["best_val_loss"])
+                if improved:
+                    state = {**state, "best_val_acc": val_acc, "best_val_loss": val_loss}
             seconds = time.perf_counter() - epoch_start
-            state = {"epoch": epoch + 1,
-                     "best_val_acc": val_acc if improved and val_acc is not None
-                     else state["best_val_acc"],
-                     "best_val_loss": val_loss if improved and val_loss is not None
-                     else state["best_val_loss"],
+            state = {**state, "epoch": epoch + 1,
                      "bad_epochs": 0 if improved else state["bad_epochs"] + 1}
             epochs_run += 1
             if rank == 0:

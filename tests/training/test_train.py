@@ -11,7 +11,7 @@ import torch
 
 from training import train as train_module
 from training.config import TINY, TrainConfig
-from training.evaluate import plot_history
+from training.evaluate import history_figure, plot_history
 from training.train import is_better, lr_factor, model_from_checkpoint, train, weights_digest
 
 
@@ -86,7 +86,9 @@ def test_without_validation_images_every_epoch_runs_and_the_last_is_kept(tmp_pat
     rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["val_loss"] is None is r["val_acc"] for r in rows)  # nothing to validate on
     assert result.best_val_acc is None
-    plot_history(tmp_path / "metrics.jsonl", tmp_path / "curves.png")  # train curves only
+    fig = history_figure(rows)  # the training curves alone, no empty validation lines
+    assert [[line.get_label() for line in ax.get_lines()] for ax in fig.axes] == [["train"]] * 2
+    plot_history(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
@@ -134,7 +136,7 @@ def test_the_best_epoch_is_the_most_accurate_then_the_least_lossy() -> None:
     assert not is_better(0.88, 0.1, 0.9, 0.5)
     assert is_better(0.9, 0.4, 0.9, 0.5)  # a tie goes to the lower loss
     assert not is_better(0.9, 0.5, 0.9, 0.5)  # an exact repeat is no progress (early stopping)
-    assert not is_better(0.9, float("nan"), 0.9, float("nan"))  # no validation split
+    assert not is_better(0.9, float("nan"), 0.9, float("nan"))  # a NaN loss never wins a tie
 
 
 def test_weight_average_is_what_is_kept_and_resume_carries_both(tmp_path: Path) -> None:
