@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from service import png
 from service.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -27,6 +28,8 @@ _RESAMPLE = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+# What open_image returns: a header read by Pillow, or a small PNG for libspng to decode.
+Opened = Image.Image | png.SmallPng
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 RESIZE_POLICIES = ("stretch", "center_crop")
 
@@ -145,14 +148,17 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img if img.mode == mode else img.convert(mode)
 
 
-def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+def open_image(data: bytes, max_pixels: int | None = None) -> Opened:
     """Read only the header of encoded image bytes: cheap whatever the image's size.
 
     Raises InvalidImage (not an image), UnsupportedMediaType (a format we refuse) or
     PayloadTooLarge (more than ``max_pixels`` pixels). The caller closes the image, or passes it
-    to :func:`pixels_of`, which does.
+    to :func:`pixels_of`, which does. A small plain PNG comes back as a
+    :class:`service.png.SmallPng`, which :func:`pixels_of` decodes without Pillow's plugin.
     """
-    img = _open(data)
+    img: Opened | None = png.sniff(data)
+    if img is None:
+        img = _open(data)
     width, height = img.size
     if max_pixels is not None and width * height > max_pixels:
         img.close()
@@ -162,9 +168,16 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     return img
 
 
-def pixels_of(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+def pixels_of(img: Opened, spec: PreprocessSpec) -> np.ndarray:
     """Decode an image opened by :func:`open_image` into a C×H×W uint8 array in the model's
     size and colour mode, and close it. Raises InvalidImage (truncated or corrupt data)."""
+    if isinstance(img, png.SmallPng):
+        samples = png.decode(img)
+        if samples is None:  # libspng refused it: Pillow decodes it or says what is wrong
+            return pixels_of(_open(img.data), spec)
+        if img.mode == spec.color_mode and img.size == (spec.width, spec.height):
+            return _channels_first(samples)  # what Pillow's path returns for it, without a copy
+        return _fit(Image.fromarray(samples), spec)
     try:
         if img.format == "JPEG":
             # Decode at a reduced DCT scale when the target is much smaller: the cost then stops
@@ -177,16 +190,25 @@ def pixels_of(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
             raise PayloadTooLarge(f"image has too many pixels: {exc}") from exc
         except Exception as exc:  # truncated or corrupt data: every decoder raises its own type
             raise InvalidImage(f"cannot decode the image: {exc}") from exc
-        out = _to_mode(img, spec.color_mode)
-        scaled = spec.scaled_size(*out.size)
-        if out.size != scaled:
-            out = out.resize(scaled, _RESAMPLE[spec.interpolation])
-        if scaled != (spec.width, spec.height):  # center_crop
-            left, top = (scaled[0] - spec.width) // 2, (scaled[1] - spec.height) // 2
-            out = out.crop((left, top, left + spec.width, top + spec.height))
-        pixels = np.asarray(out, dtype=np.uint8)
+        return _fit(img, spec)
     finally:
         img.close()
+
+
+def _fit(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """A decoded image in the model's colour mode and size (resized, and cropped for
+    center_crop), as a C×H×W uint8 array."""
+    out = _to_mode(img, spec.color_mode)
+    scaled = spec.scaled_size(*out.size)
+    if out.size != scaled:
+        out = out.resize(scaled, _RESAMPLE[spec.interpolation])
+    if scaled != (spec.width, spec.height):  # center_crop
+        left, top = (scaled[0] - spec.width) // 2, (scaled[1] - spec.height) // 2
+        out = out.crop((left, top, left + spec.width, top + spec.height))
+    return _channels_first(np.asarray(out, dtype=np.uint8))
+
+
+def _channels_first(pixels: np.ndarray) -> np.ndarray:
     if pixels.ndim == 2:
         return pixels[np.newaxis, :, :]
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))

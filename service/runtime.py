@@ -17,12 +17,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from PIL import Image
 
 from service.batcher import Batcher
 from service.config import Settings
 from service.errors import ModelNotReady, ServiceError, ShuttingDown
-from service.imaging import PreprocessSpec, open_image, pixels_of, to_model_input
+from service.imaging import Opened, PreprocessSpec, open_image, pixels_of, to_model_input
 from service.metrics import FLUSH_INTERVAL_S, Metrics
 from service.model import Classifier, OnnxClassifier
 from service.model_set import ClassifierFactory, ModelSet, Version
@@ -130,7 +129,7 @@ class Runtime:
                 raise ShuttingDown("the server is shutting down") from None
             raise
 
-    def _pixels(self, img: Image.Image, spec: PreprocessSpec) -> np.ndarray | ServiceError:
+    def _pixels(self, img: Opened, spec: PreprocessSpec) -> np.ndarray | ServiceError:
         started = time.perf_counter()
         try:
             return pixels_of(img, spec)
@@ -151,7 +150,7 @@ class Runtime:
         assert model.metadata is not None  # set whenever a batcher is
         spec = model.metadata.spec
         out: list[np.ndarray | ServiceError] = []
-        pool: list[tuple[int, Image.Image]] = []
+        pool: list[tuple[int, Opened]] = []
         for i, data in enumerate(images):
             try:
                 img = open_image(data, self.settings.max_pixels)
