@@ -44,6 +44,8 @@ class Runtime:
         self.shutting_down = False
         self.active_requests = 0  # admitted and not yet answered (kept by service.api.front)
         self.started_at = time.time()
+        self._inline_pixels = settings.inline_decode_max_pixels
+        self._inline_jpeg = settings.inline_decode_max_jpeg_pixels
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads or os.cpu_count() or 1,
                                                thread_name_prefix="decode")
         self._loaded = asyncio.Event()
@@ -143,9 +145,9 @@ class Runtime:
         """Decode each image; failures come back in place, not raised.
 
         Headers are read here, on the event loop (cheap whatever the size). Images of at most
-        ``inline_decode_max_pixels`` are decoded here too, where a thread hand-off would cost
-        more than the decode; larger ones go to the decode pool, so that a big photo never
-        holds the loop."""
+        ``inline_decode_max_pixels`` (JPEGs: ``inline_decode_max_jpeg_pixels``) are decoded here
+        too, where a thread hand-off would cost more than the decode; larger ones go to the
+        decode pool, so that a big photo never holds the loop."""
         batcher = _batcher(model)
         assert model.metadata is not None  # set whenever a batcher is
         spec = model.metadata.spec
@@ -158,7 +160,8 @@ class Runtime:
                 out.append(exc)
                 continue
             width, height = img.size
-            if width * height <= self.settings.inline_decode_max_pixels:
+            if width * height <= (self._inline_jpeg if img.format == "JPEG"
+                                  else self._inline_pixels):
                 out.append(self._pixels(img, spec))
             else:
                 out.append(_PENDING)

@@ -115,6 +115,41 @@ def test_format_is_sniffed_not_trusted(client: TestClient) -> None:
     assert resp.status_code == 200
 
 
+def _photo(fmt: str, size: tuple[int, int]) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_small_images_decode_on_the_loop_and_large_ones_in_the_decode_threads(
+        client: TestClient, sample_png: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.runtime
+
+    threads: list[str] = []
+    real = service.runtime.pixels_of
+
+    def spy(img: Any, spec: Any) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        return real(img, spec)
+
+    monkeypatch.setattr(service.runtime, "pixels_of", spy)
+    bodies = {"28x28 PNG": sample_png, "640x480 JPEG": _photo("JPEG", (640, 480)),
+              "640x480 PNG": _photo("PNG", (640, 480)),
+              "1600x1200 JPEG": _photo("JPEG", (1600, 1200))}
+    where = {}
+    for name, body in bodies.items():
+        assert client.post("/v1/classify", content=body).status_code == 200
+        (where[name],) = threads
+        threads.clear()
+    loop = where["28x28 PNG"]
+    assert not loop.startswith("decode")
+    # JPEGs decode at a reduced scale: inline up to INLINE_DECODE_MAX_JPEG_PIXELS (786,432)
+    assert where["640x480 JPEG"] == loop
+    assert where["640x480 PNG"].startswith("decode")
+    assert where["1600x1200 JPEG"].startswith("decode")
+
+
 def test_limits(make_client: Any, sample_png: bytes) -> None:
     c: TestClient = make_client(max_body_bytes=2000, max_pixels=1000, max_images_per_request=2)
     assert_error(c.post("/v1/classify", content=b"\x00" * 2001, headers=PNG), 413,
