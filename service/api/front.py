@@ -106,11 +106,9 @@ class Front:
             self.runtime.metrics.request_done(label, status, elapsed)
             if self.access_log is not None:
                 state: dict[str, Any] = scope.get("state", {})
-                self.access_log.write({
-                    "method": scope["method"], "path": path, "status": status,
-                    "model": state.get("model"), "images": state.get("images", 0),
-                    "batch_size": state.get("batch_size"),
-                    "latency_ms": round(elapsed * 1000, 3)})
+                self.access_log.request(scope["method"], path, status, state.get("model"),
+                                        state.get("images", 0), state.get("batch_size"),
+                                        round(elapsed * 1000, 3))
 
     async def _direct(self, route: DirectRoute, params: dict[str, str], scope: Scope,
                       receive: Receive, send: Send) -> None:
