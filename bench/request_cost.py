@@ -4,8 +4,9 @@ The real HTTP protocol (``service.http``), the app, the batcher and the model se
 connections whose transports are in memory: each answer's write sends that connection's next
 request. What remains is what a worker spends per request apart from the kernel's socket work
 and the load generator, without wrk sharing the cores. The machine's own noise remains (on these
-shared cores one round can differ from the next by 20%): variants run alternately, each in its
-own app, ``--rounds`` times, and only figures of one run compare.
+shared cores one round can differ from the next by 20%), so every variant's app is started at
+once in this process and short runs of each alternate, ``--rounds`` times; the lowest round is
+the least disturbed (as timeit takes the best), and only figures of one run compare.
 
     .venv/bin/python bench/request_cost.py                                  # png, defaults
     .venv/bin/python bench/request_cost.py --variants default pillow access_log=false
@@ -19,10 +20,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
+import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,33 +72,46 @@ class MemoryTransport(asyncio.Transport):
 
 
 class Client:
-    def __init__(self, protocol: asyncio.Protocol, request: bytes, run: Run) -> None:
+    """One keep-alive connection: a request, its answer, the next request, while the run lasts."""
+
+    def __init__(self, protocol: asyncio.Protocol, request: bytes) -> None:
         self.protocol = protocol
         self.request = request
-        self.run = run
+        self.run: Run | None = None
 
-    def start(self) -> None:
+    def connect(self) -> None:
         self.protocol.connection_made(MemoryTransport(self))
+
+    def send(self, run: Run) -> None:
+        self.run = run
+        run.in_flight += 1
         self.protocol.data_received(self.request)
 
     def answered(self, data: bytes) -> None:
         if not data.startswith(b"HTTP/1.1 200"):
             raise RuntimeError(f"unexpected answer: {data[:300]!r}")
-        if self.run.count():
-            asyncio.get_running_loop().call_soon(self.protocol.data_received, self.request)
+        assert self.run is not None
+        if self.run.answered():
+            asyncio.get_running_loop().call_soon(self.send, self.run)
 
 
 class Run:
+    """``total`` requests spread over the connections; done when all are answered and none is
+    left in flight (so the next run starts on idle connections)."""
+
     def __init__(self, total: int) -> None:
         self.left = total
+        self.in_flight = 0
         self.done = asyncio.get_running_loop().create_future()
 
-    def count(self) -> bool:
-        """One more answer; whether to send another request."""
+    def answered(self) -> bool:
+        """One more answer; whether its connection sends another request."""
+        self.in_flight -= 1
         self.left -= 1
-        if self.left <= 0 and not self.done.done():
+        more = self.left - self.in_flight > 0
+        if not more and self.in_flight == 0 and not self.done.done():
             self.done.set_result(None)
-        return self.left > 0
+        return more
 
 
 def request_bytes(image: str) -> bytes:
@@ -110,50 +127,84 @@ def settings_of(variant: str) -> Settings:
     return Settings(**{"provider": "cpu", **pairs})  # type: ignore[arg-type]
 
 
-async def measure(variant: str, image: str, connections: int, total: int) -> tuple[float, float]:
-    """CPU microseconds per request and the mean batch, over ``total`` requests."""
-    settings = settings_of(variant)
-    app = create_app(settings, load_before_serving=True)
-    config = uvicorn_config(app, settings)
-    config.load()
-    state = ServerState()
-    request = request_bytes(image)
-    spng = png.pyspng
-    if variant == "pillow":
-        png.pyspng = None
-    try:
-        async with app.router.lifespan_context(app):
-            await app.state.runtime.wait_loaded()
-            with app.state.runtime.lease() as model:
-                batches = model.metrics.batch_size
-            gc.collect()
-            gc.freeze()  # as each server process does
-            warm = Run(500)
-            clients = [Client(config.http_protocol_class(  # type: ignore[call-arg]
-                config=config, server_state=state, app_state={}), request, warm)
-                for _ in range(connections)]
-            for c in clients:
-                c.start()
-            await warm.done
-            run = Run(total)
-            for c in clients:
-                c.run = run
-            batches.flush()
-            before = _batch_totals(batches)
-            started = time.process_time()
-            for c in clients:  # each connection's next request
-                c.protocol.data_received(request)
+class Served:
+    """One variant's app, started, with its connections open and warm."""
+
+    def __init__(self, variant: str, image: str, connections: int) -> None:
+        self.variant = variant
+        self.settings = settings_of(variant)
+        self.app = create_app(self.settings, load_before_serving=True)
+        self.request = request_bytes(image)
+        self.connections = connections
+        self.clients: list[Client] = []
+
+    async def start(self, stack: contextlib.AsyncExitStack) -> None:
+        await stack.enter_async_context(self.app.router.lifespan_context(self.app))
+        runtime = self.app.state.runtime
+        await runtime.wait_loaded()
+        with runtime.lease() as model:
+            self.batches = model.metrics.batch_size
+        config = uvicorn_config(self.app, self.settings)
+        config.timeout_keep_alive = 3600  # the connections idle while other variants run
+        config.load()
+        state = ServerState()
+        self.clients = [Client(config.http_protocol_class(  # type: ignore[call-arg]
+            config=config, server_state=state, app_state={}), self.request)
+            for _ in range(self.connections)]
+        for c in self.clients:
+            c.connect()
+        await self._run(500)  # warm
+
+    async def _run(self, total: int) -> None:
+        run = Run(total)
+        with self.decoder():
+            for c in self.clients[:total]:
+                c.send(run)
             await run.done
-            cpu = time.process_time() - started
-            batches.flush()
-            after = _batch_totals(batches)
-            for c in clients:
-                c.protocol.connection_lost(None)
-    finally:
-        png.pyspng = spng
-        gc.unfreeze()
-    calls = after[1] - before[1]
-    return cpu / total * 1e6, (after[0] - before[0]) / calls if calls else float("nan")
+
+    @contextlib.contextmanager
+    def decoder(self) -> Iterator[None]:
+        """For the ``pillow`` variant, every PNG decoded by Pillow while it runs."""
+        spng = png.pyspng
+        if self.variant == "pillow":
+            png.pyspng = None
+        try:
+            yield
+        finally:
+            png.pyspng = spng
+
+    async def measure(self, total: int) -> tuple[float, float]:
+        """CPU microseconds per request and the mean batch, over ``total`` requests."""
+        self.batches.flush()
+        before = _batch_totals(self.batches)
+        started = time.process_time()
+        await self._run(total)
+        cpu = time.process_time() - started
+        self.batches.flush()
+        after = _batch_totals(self.batches)
+        await asyncio.sleep(0.2)  # the access log's and the metrics' flushes, between runs
+        calls = after[1] - before[1]
+        return cpu / total * 1e6, (after[0] - before[0]) / calls if calls else float("nan")
+
+
+async def measure_all(args: argparse.Namespace) -> dict[str, list[tuple[float, float]]]:
+    """Every variant started at once in this process (idle ones cost nothing), then measured in
+    turn, alternating the order, ``args.rounds`` times."""
+    results: dict[str, list[tuple[float, float]]] = {v: [] for v in args.variants}
+    async with contextlib.AsyncExitStack() as stack:
+        served = [Served(v, args.image, args.connections) for v in args.variants]
+        for s in served:
+            await s.start(stack)
+        gc.collect()
+        gc.freeze()  # as each server process does
+        for rnd in range(args.rounds):
+            for s in served if rnd % 2 == 0 else served[::-1]:
+                us, batch = await s.measure(args.requests)
+                results[s.variant].append((us, batch))
+                print(f"round {rnd + 1} {s.variant:32} {us:7.1f} us/request  batch {batch:5.1f}",
+                      file=sys.__stdout__, flush=True)
+    gc.unfreeze()
+    return results
 
 
 def _batch_totals(hist: Any) -> tuple[float, float]:
@@ -166,34 +217,26 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", choices=list(IMAGES), default="png")
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=20_000, help="per round and variant")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=3000, help="per round and variant")
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--variants", nargs="+", default=["default"])
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d')}, {cpu_model()}; `bench/request_cost.py "
           f"{' '.join(sys.argv[1:])}`; {args.requests} requests per round on "
           f"{args.connections} connections, {args.image}\n", flush=True)
     # The access log goes where a log shipper would read it, not to this table.
-    log = open("/dev/null", "w")  # noqa: SIM115 - open for the whole run
+    log = open(os.environ.get("REQUEST_COST_LOG", "/dev/null"), "w")  # noqa: SIM115
     sys.stderr, stderr = log, sys.stderr
-    results: dict[str, list[tuple[float, float]]] = {v: [] for v in args.variants}
     try:
-        for rnd in range(args.rounds):
-            order = args.variants if rnd % 2 == 0 else args.variants[::-1]
-            for variant in order:
-                us, batch = uvloop.run(measure(variant, args.image, args.connections,
-                                               args.requests))
-                results[variant].append((us, batch))
-                print(f"round {rnd + 1} {variant:32} {us:7.1f} us/request  batch {batch:5.1f}",
-                      flush=True)
+        results = uvloop.run(measure_all(args))
     finally:
         sys.stderr = stderr
         log.close()
-    print("\n| variant | CPU us per request (median) | lowest - highest | mean batch |")
-    print("|---|---|---|---|")
+    print("\n| variant | CPU us per request (lowest round) | median | highest | mean batch |")
+    print("|---|---|---|---|---|")
     for variant, rows in results.items():
         us = [r[0] for r in rows]
-        print(f"| {variant} | {statistics.median(us):.1f} | {min(us):.1f} - {max(us):.1f} | "
+        print(f"| {variant} | {min(us):.1f} | {statistics.median(us):.1f} | {max(us):.1f} | "
               f"{statistics.median(r[1] for r in rows):.1f} |")
     return 0
 
