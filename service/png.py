@@ -1,11 +1,12 @@
 """Small PNGs decoded by libspng (``pyspng``) in one C call instead of Pillow's plugin.
 
 For a 28x28 PNG, Pillow's open, load and array export run about 120 Python calls and take about
-30 us, as long as the rest of the request; libspng takes about 7 us. PNG is lossless, so any
-correct decoder gives the same samples: the fast path is taken only where Pillow would give
-exactly those samples too, and :mod:`service.imaging` does everything after decoding (mode
-conversion, resize, crop) with Pillow as before, so training and serving still share one
-function and one result. The fast path is taken for:
+30 us in a loop of their own, libspng about 7 us; in the whole request path the difference came
+to about 50 us of a request's 160-250 (``bench/request_cost.py --variants default pillow``).
+PNG is lossless, so any correct decoder gives the same samples: the fast path is taken only
+where Pillow would give exactly those samples too, and :mod:`service.imaging` does everything
+after decoding (mode conversion, resize, crop) with Pillow as before, so training and serving
+still share one function and one result. The fast path is taken for:
 
 - 8-bit grey, grey+alpha, RGB and RGBA images (not palettes, not 1, 2, 4 or 16 bits, whose
   Pillow modes differ from the raw samples);
@@ -37,7 +38,8 @@ MODES = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}
 # only records (colour space, gamma, resolution, background, significant bits, time).
 PLAIN_CHUNKS = frozenset({b"IHDR", b"IDAT", b"IEND", b"pHYs", b"sRGB", b"gAMA", b"cHRM",
                           b"iCCP", b"sBIT", b"bKGD", b"tIME"})
-# 256x256: libspng decodes one in about 0.4 ms on these cores, the longest the GIL is held.
+# 256x256: libspng decodes one in 0.3 ms (grey) to 0.7 ms (RGB noise) on these cores, the longest
+# it holds the GIL; Pillow takes 0.4-1.0 ms for the same.
 MAX_PIXELS = 65_536
 MAX_CHUNKS = 64  # more is unusual for a small PNG; Pillow reads those (the walk stays short)
 _IHDR = struct.Struct(">I4sIIBBBBB")  # length, type, width, height, depth, colour, ..., interlace
