@@ -68,27 +68,18 @@ class AccessLog:
 
     def request(self, method: str, path: str, status: int, model: str | None, images: int,
                 batch_size: int | None, latency_ms: float) -> None:
-        """The line for one answered request: what :meth:`write` writes for these fields, in
-        one format operation (this runs once per request)."""
-        if self.json_lines:
-            self.write({"method": method, "path": path, "status": status, "model": model,
-                        "images": images, "batch_size": batch_size, "latency_ms": latency_ms})
-            return
-        self._add(f"{self._time(time.time())} INFO service.access: request method={method} "
-                  f"path={path} status={status} model={model} images={images} "
-                  f"batch_size={batch_size} latency_ms={latency_ms}")
-
-    def write(self, fields: dict[str, Any]) -> None:
+        """The line for one answered request, formatted in one operation (this runs once per
+        request)."""
         stamp = self._time(time.time())
         if self.json_lines:
             line = json.dumps({"time": stamp, "level": "info", "logger": "service.access",
-                               "message": "request", **fields})
+                               "message": "request", "method": method, "path": path,
+                               "status": status, "model": model, "images": images,
+                               "batch_size": batch_size, "latency_ms": latency_ms})
         else:
-            line = (f"{stamp} INFO service.access: request "
-                    + " ".join(f"{k}={v}" for k, v in fields.items()))
-        self._add(line)
-
-    def _add(self, line: str) -> None:
+            line = (f"{stamp} INFO service.access: request method={method} path={path} "
+                    f"status={status} model={model} images={images} batch_size={batch_size} "
+                    f"latency_ms={latency_ms}")
         self._lines.append(line)
         if len(self._lines) >= self.max_lines:
             self.flush()

@@ -44,8 +44,6 @@ class Runtime:
         self.shutting_down = False
         self.active_requests = 0  # admitted and not yet answered (kept by service.api.front)
         self.started_at = time.time()
-        self._inline_pixels = settings.inline_decode_max_pixels
-        self._inline_jpeg = settings.inline_decode_max_jpeg_pixels
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads or os.cpu_count() or 1,
                                                thread_name_prefix="decode")
         self._loaded = asyncio.Event()
@@ -160,8 +158,9 @@ class Runtime:
                 out.append(exc)
                 continue
             width, height = img.size
-            if width * height <= (self._inline_jpeg if img.format == "JPEG"
-                                  else self._inline_pixels):
+            s = self.settings
+            if width * height <= (s.inline_decode_max_jpeg_pixels if img.format == "JPEG"
+                                  else s.inline_decode_max_pixels):
                 out.append(self._pixels(img, spec))
             else:
                 out.append(_PENDING)

@@ -30,12 +30,14 @@ def encode(img: Image.Image, **kw: object) -> bytes:
     return buf.getvalue()
 
 
-def with_pillow(data: bytes, spec: PreprocessSpec, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
+def with_pillow(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     """The pixels Pillow alone gives (as on a platform without the libspng wheel)."""
-    with monkeypatch.context() as m:
-        m.setattr(png, "pyspng", None)
-        assert png.sniff(data) is None
+    original = png.pyspng
+    png.pyspng = None  # not monkeypatch: hypothesis does not mix with function-scoped fixtures
+    try:
         return decode_image(data, spec)
+    finally:
+        png.pyspng = original
 
 
 def chunk(kind: bytes, body: bytes) -> bytes:
@@ -58,14 +60,13 @@ def test_the_fast_path_is_available() -> None:
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("interlace", [0, 1])
 def test_plain_pngs_decode_as_pillow_decodes_them(mode: str, spec: PreprocessSpec,
-                                                  interlace: int,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                  interlace: int) -> None:
     rng = np.random.default_rng(len(mode) + interlace)
     channels = len(mode)
     pixels = rng.integers(0, 256, (37, 45, channels) if channels > 1 else (37, 45), np.uint8)
     data = encode(Image.fromarray(pixels), interlace=interlace)
     assert png.sniff(data) == png.SmallPng(data, (45, 37), mode)
-    assert np.array_equal(decode_image(data, spec), with_pillow(data, spec, monkeypatch))
+    assert np.array_equal(decode_image(data, spec), with_pillow(data, spec))
 
 
 @settings(max_examples=80, deadline=None)
@@ -77,13 +78,7 @@ def test_any_small_plain_png_decodes_as_pillow_decodes_it(pixels: np.ndarray, le
     img = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
     data = encode(img, compress_level=level)
     assert png.sniff(data) is not None
-    original = png.pyspng
-    try:  # hypothesis does not mix with function-scoped fixtures
-        png.pyspng = None
-        reference = decode_image(data, spec)
-    finally:
-        png.pyspng = original
-    assert np.array_equal(decode_image(data, spec), reference)
+    assert np.array_equal(decode_image(data, spec), with_pillow(data, spec))
 
 
 def test_fashion_mnist_images_are_unchanged(fmnist_test: object) -> None:
@@ -95,12 +90,12 @@ def test_fashion_mnist_images_are_unchanged(fmnist_test: object) -> None:
 
 
 @pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee", "camera"])
-def test_photographs_give_pillows_pixels(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_photographs_give_pillows_pixels(name: str) -> None:
     photo = Image.fromarray(getattr(photos, name)()).resize((160, 120))
     data = encode(photo)
     assert png.sniff(data) is not None
     for spec in SPECS:
-        assert np.array_equal(decode_image(data, spec), with_pillow(data, spec, monkeypatch))
+        assert np.array_equal(decode_image(data, spec), with_pillow(data, spec))
 
 
 def _oriented_png() -> bytes:
@@ -114,8 +109,7 @@ def _oriented_png() -> bytes:
 @pytest.mark.parametrize("case", ["palette", "16-bit", "1-bit", "transparency", "orientation",
                                   "text", "xmp", "too large", "no IEND", "truncated",
                                   "many chunks"])
-def test_other_pngs_go_to_pillow_and_decode_as_before(case: str,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_other_pngs_go_to_pillow_and_decode_as_before(case: str) -> None:
     grey = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 40), np.uint8))
     plain = encode(grey)
     data = {
@@ -137,7 +131,7 @@ def test_other_pngs_go_to_pillow_and_decode_as_before(case: str,
             decode_image(data, GREY)
         return
     out = decode_image(data, GREY)
-    assert np.array_equal(out, with_pillow(data, GREY, monkeypatch))
+    assert np.array_equal(out, with_pillow(data, GREY))
     if case == "orientation":  # displayed upright, the white half is on top
         assert out.shape == (1, 28, 28) and out[0, :12].mean() > 200 and out[0, 16:].mean() < 50
 
