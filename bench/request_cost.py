@@ -36,7 +36,7 @@ from uvicorn.server import ServerState
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.serve_bench import IMAGES, cpu_model  # noqa: E402
+from bench.serve_bench import IMAGES, batch_totals, cpu_model  # noqa: E402
 from service import png  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.config import Settings  # noqa: E402
@@ -140,10 +140,8 @@ class Served:
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
         await stack.enter_async_context(self.app.router.lifespan_context(self.app))
-        runtime = self.app.state.runtime
-        await runtime.wait_loaded()
-        with runtime.lease() as model:
-            self.batches = model.metrics.batch_size
+        self.metrics = self.app.state.runtime.metrics
+        await self.app.state.runtime.wait_loaded()
         config = uvicorn_config(self.app, self.settings)
         config.timeout_keep_alive = 3600  # the connections idle while other variants run
         config.load()
@@ -175,13 +173,11 @@ class Served:
 
     async def measure(self, total: int) -> tuple[float, float]:
         """CPU microseconds per request and the mean batch, over ``total`` requests."""
-        self.batches.flush()
-        before = _batch_totals(self.batches)
+        before = batch_totals(self.metrics.exposition().decode())
         started = time.process_time()
         await self._run(total)
         cpu = time.process_time() - started
-        self.batches.flush()
-        after = _batch_totals(self.batches)
+        after = batch_totals(self.metrics.exposition().decode())
         await asyncio.sleep(0.2)  # the access log's and the metrics' flushes, between runs
         calls = after[1] - before[1]
         return cpu / total * 1e6, (after[0] - before[0]) / calls if calls else float("nan")
@@ -205,11 +201,6 @@ async def measure_all(args: argparse.Namespace) -> dict[str, list[tuple[float, f
                       file=sys.__stdout__, flush=True)
     gc.unfreeze()
     return results
-
-
-def _batch_totals(hist: Any) -> tuple[float, float]:
-    child = hist._child
-    return child._sum.get(), sum(b.get() for b in child._buckets)
 
 
 def main() -> int:

@@ -137,8 +137,13 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def batch_stats(port: int) -> tuple[float, float]:
+    """Images and model calls so far, from a server's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
-        text = resp.read().decode()
+        return batch_totals(resp.read().decode())
+
+
+def batch_totals(text: str) -> tuple[float, float]:
+    """Images and model calls so far, from a Prometheus exposition of the service's metrics."""
     total = re.findall(r"^imgserve_batch_size_images_sum(?:\{[^}]*\})? ([\d.e+]+)$", text, re.M)
     count = re.findall(r"^imgserve_batch_size_images_count(?:\{[^}]*\})? ([\d.e+]+)$", text,
                        re.M)
