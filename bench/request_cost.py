@@ -142,8 +142,9 @@ class Served:
         await stack.enter_async_context(self.app.router.lifespan_context(self.app))
         self.metrics = self.app.state.runtime.metrics
         await self.app.state.runtime.wait_loaded()
-        config = uvicorn_config(self.app, self.settings)
-        config.timeout_keep_alive = 3600  # the connections idle while other variants run
+        # The connections idle while other variants run.
+        config = uvicorn_config(self.app, self.settings.model_copy(
+            update={"keep_alive_timeout_s": 3600.0}))
         config.load()
         state = ServerState()
         self.clients = [Client(config.http_protocol_class(  # type: ignore[call-arg]

@@ -48,10 +48,12 @@ def create_app(settings: Settings | None = None, factory: ClassifierFactory = lo
             if access_log is not None:
                 access_log.flush()
 
-    app = ImgServe(runtime, [*classify.DIRECT, *v2.DIRECT], access_log,
-                   ApiKeys.from_settings(settings), title="imgserve",
-                   version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    keys = ApiKeys.from_settings(settings)
+    app = ImgServe(runtime, [*classify.DIRECT, *v2.DIRECT], access_log, keys,
+                   title="imgserve", version=__version__, description=DESCRIPTION,
+                   lifespan=lifespan)
     app.state.runtime = runtime
+    app.state.keys = keys
     handlers.install(app)
     for module in (classify, explain, models, health, v2, page):
         app.include_router(module.router)
@@ -71,4 +73,8 @@ class ImgServe(FastAPI):
         await self._front(scope, receive, send)
 
     def openapi(self) -> dict[str, Any]:
+        """The API description; the served models' names, versions and labels are filled in
+        only when no API key is required, since the description is open to everyone."""
+        if self._front.keys is not None:
+            return super().openapi()
         return with_runtime_values(super().openapi(), self._front.runtime)

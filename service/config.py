@@ -124,7 +124,8 @@ class Settings(BaseSettings):
         2048, ge=1, description="images waiting at most; beyond, 503 with Retry-After"
     )
     request_timeout_s: float = Field(
-        10.0, gt=0, description="a request still queued after this gets 504"
+        10.0, gt=0, description="a request whose images are still being decoded or queued "
+        "this long after its body arrived gets 504"
     )
 
     # --- access -------------------------------------------------------------------------------
@@ -151,13 +152,43 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a request body not wholly received this long after its "
         "headers gets 408 and the connection is closed"
     )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="a connection between requests is closed this long after its "
+        "last answer unless a new request has begun (bytes that start no request, such as "
+        "blank lines, do not count)"
+    )
     max_connections: int = Field(
-        1024, ge=1, description="open connections per worker process; beyond, 503 with "
-        "Retry-After and the connection is closed"
+        1024, ge=1, description="open connections per worker process; beyond, the oldest idle "
+        "ones are closed to make room, and if all are busy a request gets 503 with "
+        "Retry-After and the connection is closed (the health probes are answered whatever "
+        "the count)"
+    )
+    max_url_bytes: int = Field(
+        8192, ge=256, description="request target (path and query) limit; beyond, 414"
+    )
+    max_header_bytes: int = Field(
+        32768, ge=1024, description="request target, header fields and trailer fields of one "
+        "request, in bytes; beyond, 431"
+    )
+    max_header_count: int = Field(
+        100, ge=8, description="header and trailer fields of one request; beyond, 431"
+    )
+    max_inflight_body_bytes: int = Field(
+        128 * 1024 * 1024, ge=1, description="request body bytes one worker holds at once over "
+        "all its requests; a request that would pass it gets 503 with Retry-After"
+    )
+    max_decode_pixels_in_flight: int = Field(
+        50_000_000, ge=1, description="pixels (after any reduced-scale JPEG decode) one worker "
+        "decodes at once in its decode threads; more wait their turn, within the request "
+        "deadline. At least max_pixels"
     )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.max_decode_pixels_in_flight < self.max_pixels:
+            raise ValueError("max_decode_pixels_in_flight must hold at least max_pixels")
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError("max_inflight_body_bytes must hold at least max_body_bytes")
         if self.max_queue_images < self.max_images_per_request:
             raise ValueError("max_queue_images must hold at least max_images_per_request")
         VersionPolicy(self.version_policy)  # raises ValueError with the accepted forms

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,7 +32,17 @@ _RESAMPLE = {
 # What open_image returns: a header read by Pillow, or a small PNG for libspng to decode.
 Opened = Image.Image | png.SmallPng
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 RESIZE_POLICIES = ("stretch", "center_crop")
+# A JPEG's scans are decoded one after another, and each walks every block of the image even
+# when it carries no data (about 56 us per scan at 1024x768): a 1 MB file of 100,000 empty scans
+# held a worker for 5.6 s. Encoders write 1 scan (baseline), 3 (non-interleaved) or about 10
+# (progressive); libjpeg-turbo suggests a limit for exactly this case.
+MAX_JPEG_SCANS = 100
+_SOS = b"\xff\xda"  # start of scan: entropy-coded data never holds 0xFF followed by 0xDA
+# Mode conversions of large images work on bands of about this many pixels, so their
+# temporaries (uint16 or int32 copies) stay a few MB whatever the image's size.
+_BAND_PIXELS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -128,24 +139,66 @@ def _open(data: bytes) -> Image.Image:
 
 
 def _to_mode(img: Image.Image, mode: str) -> Image.Image:
-    """Convert any Pillow mode to 'L' or 'RGB'; transparency is composited onto black."""
+    """Convert any Pillow mode to 'L' or 'RGB'; transparency is composited onto black.
+
+    16-bit and 32-bit images are scaled to 8 bits (by 255/65535 when any value is above 255,
+    else kept), float images clipped to [0, 255]; both band by band, so that a 72 KB PNG of
+    6000x6000 16-bit pixels costs the decoded image and a few MB, not float64 copies of it."""
     if img.mode in _SIXTEEN_BIT_MODES:
-        wide = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if wide.max(initial=0) > 255 else 255.0
-        img = Image.fromarray(np.rint(wide * (255.0 / top)).clip(0, 255).astype(np.uint8), "L")
+        wide = max(int(band.max(initial=0)) for band in _bands(img)) > 255
+        img = _banded(img, "L", lambda a: _scale_to_8_bits(a, wide))
     elif img.mode == "F":
-        img = Image.fromarray(np.asarray(img).clip(0, 255).astype(np.uint8), "L")
-    elif img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        img = _banded(img, "L", lambda a: a.clip(0, 255).astype(np.uint8))
+    elif (img.mode == "P" and "transparency" not in img.info) or img.mode in (
+            "CMYK", "YCbCr", "LAB", "HSV"):
         img = img.convert("RGB")
     elif img.mode == "1":
         img = img.convert("L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = np.asarray(img.convert("RGBA"), dtype=np.uint16)
-        rgb = (rgba[..., :3] * rgba[..., 3:4] + 127) // 255
-        img = Image.fromarray(rgb.astype(np.uint8), "RGB")
+    if img.mode in _ALPHA_MODES or img.mode == "P":
+        img = _banded(img, "RGB", _onto_black, "RGBA")
     return img if img.mode == mode else img.convert(mode)
+
+
+def _scale_to_8_bits(a: np.ndarray, wide: bool) -> np.ndarray:
+    """round(x * 255 / 65535) for 16-bit samples (exact: no x falls halfway), or x for samples
+    that fit 8 bits; out-of-range values of mode I saturate."""
+    x = np.clip(a, 0, 65535 if wide else 255).astype(np.uint32)
+    if wide:
+        x *= 255
+        x += 32767
+        x //= 65535
+    return x.astype(np.uint8)
+
+
+def _onto_black(rgba: np.ndarray) -> np.ndarray:
+    """RGBA samples composited onto black: round(c * alpha / 255)."""
+    wide = rgba.astype(np.uint16)
+    rgb = wide[..., :3] * wide[..., 3:4]
+    rgb += 127
+    rgb //= 255
+    return rgb.astype(np.uint8)
+
+
+def _banded(img: Image.Image, mode: str, convert: Callable[[np.ndarray], np.ndarray],
+            read_as: str | None = None) -> Image.Image:
+    """``img`` converted to ``mode`` by ``convert`` on the samples of one band of rows at a time
+    (each band first converted to the Pillow mode ``read_as``, when given)."""
+    width, height = img.size
+    out = np.empty((height, width, len(mode)) if len(mode) > 1 else (height, width), np.uint8)
+    top = 0
+    for band in _bands(img, read_as):
+        out[top : top + band.shape[0]] = convert(band)
+        top += band.shape[0]
+    return Image.fromarray(out, mode)
+
+
+def _bands(img: Image.Image, read_as: str | None = None) -> Iterator[np.ndarray]:
+    """The samples of ``img``, a band of rows at a time."""
+    width, height = img.size
+    rows = max(1, _BAND_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        band = img.crop((0, top, width, min(height, top + rows)))
+        yield np.asarray(band.convert(read_as) if read_as is not None else band)
 
 
 def open_image(data: bytes, max_pixels: int | None = None) -> Opened:
@@ -165,7 +218,27 @@ def open_image(data: bytes, max_pixels: int | None = None) -> Opened:
         raise PayloadTooLarge(
             f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
+    if img.format in ("JPEG", "MPO") and (scans := data.count(_SOS)) > MAX_JPEG_SCANS:
+        img.close()
+        raise InvalidImage(f"the JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are accepted")
     return img
+
+
+def progressive(img: Opened) -> bool:
+    """Whether an opened image is a progressive JPEG (decoded scan by scan)."""
+    return isinstance(img, Image.Image) and bool(img.info.get("progressive"))
+
+
+def decoded_pixels(img: Opened, spec: PreprocessSpec) -> int:
+    """The pixels :func:`pixels_of` will decode ``img`` to before resizing: a JPEG decodes at the
+    reduced scale of :meth:`PIL.JpegImagePlugin.JpegImageFile.draft`, anything else whole."""
+    width, height = img.size
+    if img.format != "JPEG":
+        return width * height
+    target_w, target_h = spec.scaled_size(width, height)
+    ratio = min(width // target_w, height // target_h)
+    scale = next(s for s in (8, 4, 2, 1) if ratio >= s or s == 1)
+    return -(-width // scale) * -(-height // scale)
 
 
 def pixels_of(img: Opened, spec: PreprocessSpec) -> np.ndarray:

@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 from typing import IO, Any
+from urllib.parse import quote
 
 
 class JsonFormatter(logging.Formatter):
@@ -36,6 +37,21 @@ def configure(level: str = "info", json_lines: bool = False) -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+
+
+MAX_LOGGED_PATH = 512
+_SAFE_IN_PATH = "/!$&'()*+,;=:@-._~%"
+
+
+def loggable_path(path: str) -> str:
+    """A request path as one log field: what is not printable ASCII, and spaces, written as
+    %XX (a decoded %0a would otherwise start a forged line, and %20 a forged field), and cut at
+    ``MAX_LOGGED_PATH`` characters."""
+    if not (path.isascii() and path.isprintable() and " " not in path):
+        path = quote(path, safe=_SAFE_IN_PATH)
+    if len(path) > MAX_LOGGED_PATH:
+        path = path[:MAX_LOGGED_PATH] + "..."
+    return path
 
 
 class AccessLog:
@@ -69,8 +85,9 @@ class AccessLog:
     def request(self, method: str, path: str, status: int, model: str | None, images: int,
                 batch_size: int | None, latency_ms: float) -> None:
         """The line for one answered request, formatted in one operation (this runs once per
-        request)."""
+        request). The path is the client's: see :func:`loggable_path`."""
         stamp = self._time(time.time())
+        path = loggable_path(path)
         if self.json_lines:
             line = json.dumps({"time": stamp, "level": "info", "logger": "service.access",
                                "message": "request", "method": method, "path": path,

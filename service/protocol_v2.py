@@ -22,6 +22,7 @@ from service.model import ModelMetadata
 
 FP32 = "FP32"
 BYTES = "BYTES"
+MAX_OBJECTS = 64  # JSON objects in a request header: the request, its tensors, their parameters
 
 
 class ProtocolError(InvalidRequest):
@@ -56,8 +57,14 @@ def _params(obj: dict[str, Any], where: str) -> dict[str, Any]:
     return params
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
-    """The JSON header and the binary tail (empty unless ``Inference-Header-Content-Length``)."""
+def split_body(body: bytes, header_length: str | None,
+               max_arrays: int | None = None) -> tuple[dict[str, Any], bytes]:
+    """The JSON header and the binary tail (empty unless ``Inference-Header-Content-Length``).
+
+    Before the JSON is parsed, its arrays and objects are counted (a byte count, fast): a body
+    of millions of empty arrays costs the parser about a second of the event loop, while a
+    request this server accepts needs at most ``max_arrays`` arrays (see :func:`max_arrays`)
+    and a few objects."""
     if header_length is None:
         head, tail = body, b""
     else:
@@ -69,6 +76,11 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
             raise ProtocolError(f"Inference-Header-Content-Length {n} does not fit a body of "
                                 f"{len(body)} bytes")
         head, tail = body[:n], body[n:]
+    if max_arrays is not None and head.count(b"[") > max_arrays:
+        raise ProtocolError(f"the request header holds more than {max_arrays} JSON arrays, "
+                            "more than any request this model accepts")
+    if head.count(b"{") > MAX_OBJECTS:
+        raise ProtocolError(f"the request header holds more than {MAX_OBJECTS} JSON objects")
     try:
         request = orjson.loads(head)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -76,6 +88,13 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
     if not isinstance(request, dict):
         raise ProtocolError("the request must be a JSON object")
     return request, tail
+
+
+def max_arrays(meta: ModelMetadata, max_images: int) -> int:
+    """The most JSON arrays a request can need: FP32 data nested as [N][C][H][W], plus the
+    inputs, outputs and shape lists."""
+    _, c, h, _ = meta.input_shape
+    return max_images * (1 + c * (1 + h)) + 16
 
 
 def _shape(value: Any) -> list[int]:
@@ -97,10 +116,16 @@ def _integer(value: Any) -> int | None:
     return None
 
 
-def _bytes_elements(raw: bytes) -> list[bytes]:
-    """Triton's BYTES serialisation: each element a 4-byte little-endian length, then bytes."""
-    out, offset = [], 0
+def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
+    """Triton's BYTES serialisation: each element a 4-byte little-endian length, then bytes.
+    Exactly ``count`` elements, or ProtocolError as soon as there are more (a body of empty
+    elements would otherwise cost a Python object per 4 bytes before the count is checked)."""
+    out: list[bytes] = []
+    offset = 0
     while offset < len(raw):
+        if len(out) == count:
+            raise ProtocolError(f"binary BYTES data holds more than the {count} elements of "
+                                "its shape")
         if offset + 4 > len(raw):
             raise ProtocolError("binary BYTES data ends inside an element length")
         (n,) = struct.unpack_from("<I", raw, offset)
@@ -173,8 +198,14 @@ def _fp32(spec: dict[str, Any], shape: list[int], raw: bytes | None,
                                 f"{len(raw)}")
         array = np.frombuffer(raw, dtype="<f4").astype(np.float32)
     else:
+        data = spec["data"]
+        if not isinstance(data, list) or len(data) not in (count, shape[0]):
+            # Flat (count numbers) or nested (shape[0] rows): anything else is refused before
+            # numpy walks it.
+            raise ProtocolError(f"FP32 input shape {shape} holds {count} elements; 'data' must "
+                                f"be a list of that many numbers, or nested as the shape")
         try:
-            array = np.asarray(spec["data"], dtype=np.float32).reshape(-1)
+            array = np.asarray(data, dtype=np.float32).reshape(-1)
         except (ValueError, TypeError) as exc:
             raise ProtocolError(f"FP32 'data' must be numbers, flat or nested: {exc}") from None
         if array.size != count:
@@ -190,15 +221,22 @@ def _images(spec: dict[str, Any], shape: list[int], raw: bytes | None) -> list[b
         raise ProtocolError(f"BYTES input shape must be [N] or [N, 1] (one image per element), "
                             f"got {shape}")
     if raw is not None:
-        items = _bytes_elements(raw)
+        items = _bytes_elements(raw, shape[0])
     else:
         data = spec["data"]
         flat = data if isinstance(data, list) else [data]
         while flat and isinstance(flat[0], list):
+            # Counted before flattening: evenly nested rows hold len(flat) * len(flat[0]).
+            if len(flat) * len(flat[0]) > shape[0]:
+                raise ProtocolError(f"BYTES input shape {shape} holds {shape[0]} elements, "
+                                    f"'data' has more")
             if not all(isinstance(row, list) for row in flat):
                 raise ProtocolError("BYTES 'data' must be a list of base64 strings, flat or "
                                     "evenly nested")
             flat = [x for row in flat for x in row]
+        if len(flat) != shape[0]:
+            raise ProtocolError(f"BYTES input shape {shape} holds {shape[0]} elements, got "
+                                f"{len(flat)}")
         try:
             items = [base64.b64decode(x, validate=True) for x in flat]
         except (binascii.Error, TypeError, ValueError):

@@ -19,9 +19,18 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from service.batcher import Batcher
+from service.budgets import BodyBudget, PixelBudget
 from service.config import Settings
-from service.errors import ModelNotReady, ServiceError, ShuttingDown
-from service.imaging import Opened, PreprocessSpec, open_image, pixels_of, to_model_input
+from service.errors import DeadlineExceeded, ModelNotReady, ServiceError, ShuttingDown
+from service.imaging import (
+    Opened,
+    PreprocessSpec,
+    decoded_pixels,
+    open_image,
+    pixels_of,
+    progressive,
+    to_model_input,
+)
 from service.metrics import FLUSH_INTERVAL_S, Metrics
 from service.model import Classifier, OnnxClassifier
 from service.model_set import ClassifierFactory, ModelSet, Version
@@ -46,6 +55,8 @@ class Runtime:
         self.started_at = time.time()
         self._decode_pool = ThreadPoolExecutor(settings.decode_threads or os.cpu_count() or 1,
                                                thread_name_prefix="decode")
+        self.bodies = BodyBudget(settings.max_inflight_body_bytes)
+        self._decoding = PixelBudget(settings.max_decode_pixels_in_flight)
         self._loaded = asyncio.Event()
         self._rescan = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
@@ -138,28 +149,36 @@ class Runtime:
         finally:
             self.metrics.decode.observe(time.perf_counter() - started)
 
-    async def decode(self, images: Sequence[bytes],
-                     model: Version) -> list[np.ndarray | ServiceError]:
+    def deadline(self) -> float:
+        """The event-loop time by which a request beginning now must be answered (its decoding
+        and its wait in the queue both count)."""
+        return asyncio.get_running_loop().time() + self.settings.request_timeout_s
+
+    async def decode(self, images: Sequence[bytes], model: Version,
+                     deadline: float | None = None) -> list[np.ndarray | ServiceError]:
         """Decode each image; failures come back in place, not raised.
 
-        Headers are read here, on the event loop (cheap whatever the size). Images of at most
-        ``inline_decode_max_pixels`` (JPEGs: ``inline_decode_max_jpeg_pixels``) are decoded here
-        too, where a thread hand-off would cost more than the decode; larger ones go to the
-        decode pool, so that a big photo never holds the loop."""
+        Headers are read here, on the event loop (cheap whatever the size). Small images are
+        decoded here too, where a thread hand-off would cost more than the decode: at most
+        ``inline_decode_max_pixels``, or ``inline_decode_max_jpeg_pixels`` for a JPEG that is not
+        progressive (a progressive one walks every block once per scan). Larger ones go to the
+        decode threads, so that a big image never holds the loop, within the worker's budget of
+        pixels in flight and the request's deadline (DeadlineExceeded, 504, past it)."""
         batcher = _batcher(model)
         assert model.metadata is not None  # set whenever a batcher is
         spec = model.metadata.spec
         out: list[np.ndarray | ServiceError] = []
         pool: list[tuple[int, Opened]] = []
+        s = self.settings
         for i, data in enumerate(images):
             try:
-                img = open_image(data, self.settings.max_pixels)
+                img = open_image(data, s.max_pixels)
             except ServiceError as exc:
                 out.append(exc)
                 continue
             width, height = img.size
-            s = self.settings
-            if width * height <= (s.inline_decode_max_jpeg_pixels if img.format == "JPEG"
+            jpeg = img.format == "JPEG" and not progressive(img)
+            if width * height <= (s.inline_decode_max_jpeg_pixels if jpeg
                                   else s.inline_decode_max_pixels):
                 out.append(self._pixels(img, spec))
             else:
@@ -168,28 +187,57 @@ class Runtime:
         if not pool:
             return out
         loop = asyncio.get_running_loop()
+        deadline = self.deadline() if deadline is None else deadline
         # Announced to the batcher, so a batch forming meanwhile waits for these images; the
         # caller submits them right after, with no await in between.
         batcher.expect(len(pool))
         try:
-            done = await asyncio.gather(*(
-                loop.run_in_executor(self._decode_pool, self._pixels, img, spec)
-                for _, img in pool))
+            done = await asyncio.wait_for(
+                asyncio.gather(*(self._pooled(img, spec) for _, img in pool)),
+                max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            self.metrics.rejected.labels("deadline").inc()
+            raise DeadlineExceeded(f"the images were not decoded within the "
+                                   f"{s.request_timeout_s:g} s request deadline") from None
         finally:
             batcher.expected_done(len(pool))
         for (i, _), item in zip(pool, done, strict=True):
             out[i] = item
         return out
 
-    async def infer(self, pixels: np.ndarray, model: Version) -> tuple[np.ndarray, int]:
-        """Probabilities for an N×C×H×W float32 batch through the model's batcher."""
-        return await _batcher(model).submit(pixels, self.settings.request_timeout_s)
+    async def _pooled(self, img: Opened, spec: PreprocessSpec) -> np.ndarray | ServiceError:
+        """One image decoded in the decode threads, holding its pixels of the worker's budget
+        until the thread is done with it (also when the caller gave up waiting)."""
+        cost = decoded_pixels(img, spec)
+        await self._decoding.acquire(cost)
+        loop = asyncio.get_running_loop()
+        try:
+            job = self._decode_pool.submit(self._pixels, img, spec)
+        except BaseException:
+            self._decoding.release(cost)
+            raise
 
-    async def classify_pixels(self, decoded: Sequence[np.ndarray],
-                              model: Version) -> tuple[np.ndarray, int]:
+        def done(_: object) -> None:  # in the decode thread
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to free
+                loop.call_soon_threadsafe(self._decoding.release, cost)
+
+        job.add_done_callback(done)
+        return await asyncio.wrap_future(job)
+
+    async def infer(self, pixels: np.ndarray, model: Version,
+                    deadline: float | None = None) -> tuple[np.ndarray, int]:
+        """Probabilities for an N×C×H×W float32 batch through the model's batcher, within the
+        request's deadline (the whole request timeout from now when None)."""
+        timeout = self.settings.request_timeout_s
+        if deadline is not None:
+            timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+        return await _batcher(model).submit(pixels, timeout)
+
+    async def classify_pixels(self, decoded: Sequence[np.ndarray], model: Version,
+                              deadline: float | None = None) -> tuple[np.ndarray, int]:
         """Probabilities for decoded uint8 images."""
         batch = decoded[0][np.newaxis] if len(decoded) == 1 else np.stack(decoded)  # stack: ~3 us
-        return await self.infer(to_model_input(batch), model)
+        return await self.infer(to_model_input(batch), model, deadline)
 
 
 def _batcher(model: Version) -> Batcher:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from service.config import Settings
-from service.http import protocol_class
+from service.http import Limits, protocol_class
 
 if TYPE_CHECKING:
     from service.runtime import ClassifierFactory, Runtime
@@ -122,12 +122,24 @@ def uvicorn_config(app: object, settings: Settings) -> uvicorn.Config:
         app,  # type: ignore[arg-type]
         host=settings.host, port=settings.port, access_log=False, log_config=None,
         timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s), lifespan="on",
-        server_header=False, timeout_keep_alive=5,
+        server_header=False, timeout_keep_alive=math.ceil(settings.keep_alive_timeout_s),
         # Nothing here uses the client's address, so X-Forwarded-* need not be parsed.
         proxy_headers=False,
-        http=protocol_class(settings.header_timeout_s, settings.body_timeout_s,
-                            settings.max_connections),
+        # No route speaks WebSocket: an upgrade request is served as plain HTTP.
+        ws="none",
+        http=protocol_class(limits(settings)),
     )
+
+
+def limits(settings: Settings) -> Limits:
+    """The connection protocol's limits from the settings."""
+    return Limits(header_timeout_s=settings.header_timeout_s,
+                  body_timeout_s=settings.body_timeout_s,
+                  keep_alive_s=settings.keep_alive_timeout_s,
+                  max_connections=settings.max_connections,
+                  max_url_bytes=settings.max_url_bytes,
+                  max_header_bytes=settings.max_header_bytes,
+                  max_header_count=settings.max_header_count)
 
 
 def serve_here(settings: Settings, sockets: list[socket.socket] | None = None,

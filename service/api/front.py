@@ -92,14 +92,33 @@ class Front:
                 status = message["status"]
             await send(message)
 
+        bodies = self.runtime.bodies
+        held = 0
+
+        async def counted() -> Message:
+            """The body's chunks, counted against the worker's budget for request bodies while
+            the request lasts (Overloaded, 503, past it)."""
+            nonlocal held
+            message = await receive()
+            n = len(message.get("body", b""))
+            if n:
+                try:
+                    bodies.take(n)
+                except ServiceError:
+                    self.runtime.metrics.rejected.labels("body_budget").inc()
+                    raise
+                held += n
+            return message
+
         route, params = self._match(scope["method"], path)
         self.runtime.active_requests += 1
         try:
             if route is None:
-                await self.app(scope, receive, observe)
+                await self.app(scope, counted, observe)
             else:
-                await self._direct(route, params, scope, receive, observe)
+                await self._direct(route, params, scope, counted, observe)
         finally:
+            bodies.give(held)
             self.runtime.active_requests -= 1
             elapsed = time.perf_counter() - start
             label = route.path if route else getattr(scope.get("route"), "path", "unmatched")

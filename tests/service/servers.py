@@ -37,24 +37,27 @@ def get(port: int, path: str) -> tuple[int, bytes]:
         conn.close()
 
 
-def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60,
+               probe: str = "/health/ready") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, "the server exited before becoming ready"
         try:
-            if get(port, "/health/ready")[0] == 200:
+            if get(port, probe)[0] == 200:
                 return
         except OSError:
             pass
         time.sleep(0.1)
-    raise AssertionError("the server did not become ready")
+    raise AssertionError(f"{probe} did not answer 200")
 
 
 @contextmanager
-def running_server_cmd(cmd: list[str], cwd: Path, env_extra: dict[str, str]
+def running_server_cmd(cmd: list[str], cwd: Path, env_extra: dict[str, str],
+                       probe: str = "/health/ready"
                        ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """Run a server command on a free port (``IMGSERVE_PORT``) from ``cwd`` until ready; its log
-    is printed at the end (pytest shows it when a test fails)."""
+    """Run a server command on a free port (``IMGSERVE_PORT``) from ``cwd`` until ``probe``
+    answers 200; its log (``cwd/server.log``) is printed at the end (pytest shows it when a
+    test fails)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update({"IMGSERVE_ACCESS_LOG": "false", "IMGSERVE_PORT": str(port), **env_extra})
@@ -62,7 +65,7 @@ def running_server_cmd(cmd: list[str], cwd: Path, env_extra: dict[str, str]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=log)
         try:
-            wait_ready(port, proc)
+            wait_ready(port, proc, probe=probe)
             yield proc, port
         finally:
             if proc.poll() is None:
@@ -72,9 +75,11 @@ def running_server_cmd(cmd: list[str], cwd: Path, env_extra: dict[str, str]
 
 
 @contextmanager
-def running_server(model: Path, cwd: Path, workers: int,
-                   env_extra: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """``python -m service`` from this checkout, serving ``model``."""
+def running_server(model: Path, cwd: Path, workers: int, env_extra: dict[str, str],
+                   probe: str = "/health/ready"
+                   ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``python -m service`` from this checkout, serving ``model`` (a file or a repository)."""
     cmd = [sys.executable, "-m", "service", "--model", str(model), "--workers", str(workers)]
-    with running_server_cmd(cmd, cwd, {"PYTHONPATH": str(ROOT), **env_extra}) as running:
+    with running_server_cmd(cmd, cwd, {"PYTHONPATH": str(ROOT), **env_extra},
+                            probe) as running:
         yield running

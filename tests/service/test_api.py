@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -115,10 +116,10 @@ def test_format_is_sniffed_not_trusted(client: TestClient) -> None:
     assert resp.status_code == 200
 
 
-def _photo(fmt: str, size: tuple[int, int]) -> bytes:
+def _photo(fmt: str, size: tuple[int, int], **options: Any) -> bytes:
     pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format=fmt)
+    Image.fromarray(pixels).save(buf, format=fmt, **options)
     return buf.getvalue()
 
 
@@ -136,6 +137,7 @@ def test_small_images_decode_on_the_loop_and_large_ones_in_the_decode_threads(
     monkeypatch.setattr(service.runtime, "pixels_of", spy)
     bodies = {"28x28 PNG": sample_png, "640x480 JPEG": _photo("JPEG", (640, 480)),
               "640x480 PNG": _photo("PNG", (640, 480)),
+              "640x480 progressive JPEG": _photo("JPEG", (640, 480), progressive=True),
               "1600x1200 JPEG": _photo("JPEG", (1600, 1200))}
     where = {}
     for name, body in bodies.items():
@@ -147,6 +149,8 @@ def test_small_images_decode_on_the_loop_and_large_ones_in_the_decode_threads(
     # JPEGs decode at a reduced scale: inline up to INLINE_DECODE_MAX_JPEG_PIXELS (786,432)
     assert where["640x480 JPEG"] == loop
     assert where["640x480 PNG"].startswith("decode")
+    # A progressive JPEG walks every block once per scan: never on the loop
+    assert where["640x480 progressive JPEG"].startswith("decode")
     assert where["1600x1200 JPEG"].startswith("decode")
 
 
@@ -349,3 +353,26 @@ def test_retry_after_follows_the_queue_drain_rate(make_client: Any, sample_png: 
     refused = [r for r in responses if r.status_code == 503]
     assert refused and all(r.headers["Retry-After"] == "2" for r in refused)
     assert "retry in 2 s" in refused[0].json()["error"]["message"]
+
+
+def test_the_request_deadline_covers_decoding(make_client: Any,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image still being decoded at the request deadline gets 504, and the decode threads'
+    pixel budget is given back once the decode ends."""
+    import service.runtime
+
+    real = service.runtime.pixels_of
+
+    def slow(img: Any, spec: Any) -> np.ndarray:
+        time.sleep(0.5)
+        return real(img, spec)
+
+    monkeypatch.setattr(service.runtime, "pixels_of", slow)
+    c: TestClient = make_client(request_timeout_s=0.2)
+    big = _photo("PNG", (200, 200))  # decoded in the decode threads
+    started = time.monotonic()
+    assert_error(c.post("/v1/classify", content=big, headers=PNG), 504, "deadline_exceeded")
+    assert time.monotonic() - started < 0.45
+    monkeypatch.setattr(service.runtime, "pixels_of", real)
+    time.sleep(0.5)
+    assert c.post("/v1/classify", content=big, headers=PNG).status_code == 200

@@ -208,3 +208,94 @@ def test_resize_policy_travels_in_the_metadata() -> None:
         "stretch"  # files exported before the policy existed
     with pytest.raises(ValueError, match="resize"):
         PreprocessSpec(8, 8, 1, resize="squash")
+
+
+# --- high bit depths and alpha, converted band by band ----------------------------------------
+def _reference_to_8_bits(img: Image.Image) -> np.ndarray:
+    """What the conversion computed before it worked in bands: float64 over the whole image."""
+    if img.mode == "F":
+        return np.asarray(img).clip(0, 255).astype(np.uint8)
+    wide = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if wide.max(initial=0) > 255 else 255.0
+    return np.rint(wide * (255.0 / top)).clip(0, 255).astype(np.uint8)
+
+
+def _reference_onto_black(img: Image.Image) -> np.ndarray:
+    rgba = np.asarray(img.convert("RGBA"), dtype=np.uint16)
+    return ((rgba[..., :3] * rgba[..., 3:4] + 127) // 255).astype(np.uint8)
+
+
+def test_every_16_bit_value_scales_as_the_float64_formula() -> None:
+    from service.imaging import _to_mode
+
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    img = Image.fromarray(every)
+    assert img.mode == "I;16"
+    assert np.array_equal(np.asarray(_to_mode(img, "L")), _reference_to_8_bits(img))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["I;16", "I;16B", "I", "F"]), st.integers(1, 300), st.integers(1, 40),
+       st.integers(0, 2**32 - 1), st.sampled_from([255, 4000, 65535, 10**6]))
+def test_high_bit_depth_images_convert_as_before(mode: str, width: int, height: int, seed: int,
+                                                 top: int) -> None:
+    """Banded conversion gives the pixels of the whole-image float64 one, for every mode, size
+    (bands of one row at a time included) and range, negatives and values past 16 bits too."""
+    import service.imaging as imaging
+    from service.imaging import _to_mode
+
+    rng = np.random.default_rng(seed)
+    values = rng.integers(-1000 if mode in ("I", "F") else 0, top + 1, (height, width))
+    if mode == "F":
+        img = Image.fromarray(values.astype(np.float32) / 7)
+    elif mode == "I":
+        img = Image.fromarray(values.astype(np.int32))
+    else:
+        raw = values.clip(0, 65535).astype(">u2" if mode == "I;16B" else "<u2").tobytes()
+        img = Image.frombytes(mode, (width, height), raw)
+    assert img.mode == mode
+    expected = _reference_to_8_bits(img)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(imaging, "_BAND_PIXELS", max(1, width * 3))  # bands of three rows
+        assert np.array_equal(np.asarray(_to_mode(img, "L")), expected)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA", "P"])
+def test_transparency_is_composited_band_by_band_as_before(mode: str) -> None:
+    import service.imaging as imaging
+    from service.imaging import _to_mode
+
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, (37, 23, 4), dtype=np.uint8)
+    img = Image.fromarray(rgba, "RGBA").convert(mode)
+    if mode == "P":
+        img.info["transparency"] = 3
+    expected = _reference_onto_black(img)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(imaging, "_BAND_PIXELS", 23 * 5)
+        assert np.array_equal(np.asarray(_to_mode(img, "RGB")), expected)
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_from_its_bytes() -> None:
+    from service.imaging import MAX_JPEG_SCANS, open_image
+
+    good = encode(gradient(), "JPEG", progressive=True)
+    assert open_image(good).info["progressive"]
+    eoi = good.rindex(b"\xff\xd9")
+    sos = b"\xff\xda" + struct.pack(">H", 8) + bytes([1, 1, 0, 0, 0, 0])
+    with pytest.raises(InvalidImage, match="scans"):
+        open_image(good[:eoi] + sos * MAX_JPEG_SCANS + good[eoi:])
+
+
+@pytest.mark.parametrize("size", [(640, 480), (100, 100), (1600, 1200), (4000, 300)])
+@pytest.mark.parametrize("spec", [GREY, RGB, PreprocessSpec(224, 224, 3, resize="center_crop")])
+def test_decoded_pixels_are_what_the_reduced_scale_jpeg_decode_gives(
+        size: tuple[int, int], spec: PreprocessSpec) -> None:
+    from service.imaging import decoded_pixels, open_image
+
+    img = open_image(encode(gradient(*size), "JPEG"))
+    estimate = decoded_pixels(img, spec)
+    img.draft(spec.color_mode, spec.scaled_size(*img.size))  # as pixels_of does
+    img.load()
+    assert estimate == img.size[0] * img.size[1]
+    assert decoded_pixels(open_image(encode(gradient(*size), "PNG")), spec) == size[0] * size[1]

@@ -100,9 +100,10 @@ async def handle_classify(request: Request, runtime: Runtime,
         k = query_top_k(request)
         s = runtime.settings
         uploads = await read_images(request, s.max_body_bytes, s.max_images_per_request)
-        decoded = await runtime.decode([u.data for u in uploads], model)
+        deadline = runtime.deadline()
+        decoded = await runtime.decode([u.data for u in uploads], model, deadline)
         good = usable(decoded)
-        probs, batch_size = await runtime.classify_pixels(good, model)
+        probs, batch_size = await runtime.classify_pixels(good, model, deadline)
     record(request, len(good), batch_size, meta)
     results: list[dict[str, Any]] = []
     row = 0

@@ -43,10 +43,12 @@ EXPLAIN_DOC["requestBody"]["content"]["multipart/form-data"]["schema"]["properti
     "maxItems"] = MAX_IMAGES
 
 
-def _target(raw: str | None, meta: ModelMetadata, probs: np.ndarray) -> int:
-    if raw is None:  # absent: the top class
-        return int(np.argmax(probs))
-    if raw.isdigit() and int(raw) < meta.num_classes:
+def _target(raw: str | None, meta: ModelMetadata) -> int | None:
+    """The class asked for, checked before any model call; None: each image's top class."""
+    if raw is None:
+        return None
+    # ASCII digits only: str.isdigit() is true of '²' too, which int() refuses.
+    if raw.isascii() and raw.isdigit() and int(raw) < meta.num_classes:
         return int(raw)
     if raw in meta.labels:
         return meta.labels.index(raw)
@@ -62,13 +64,15 @@ async def explain(request: Request, runtime: Runtime, name: str | None, k: int,
         meta = model.metadata
         assert meta is not None
         grid = Occlusion.for_spec(meta.spec, patch, stride)
+        wanted = _target(target, meta)
         uploads = await read_images(request, s.max_body_bytes,
                                     min(MAX_IMAGES, s.max_images_per_request))
-        decoded = await runtime.decode([u.data for u in uploads], model)
+        deadline = runtime.deadline()
+        decoded = await runtime.decode([u.data for u in uploads], model, deadline)
         good = [to_model_input(d) for d in usable(decoded)]
         fill = neutral_fill(meta.spec)
         batch = np.concatenate([grid.copies(x, fill) for x in good])
-        probs, batch_size = await runtime.infer(batch, model)
+        probs, batch_size = await runtime.infer(batch, model, deadline)
     runtime.metrics.explanation_images.labels(meta.name).inc(len(batch))
     record(request, len(batch), batch_size, meta)
     results: list[dict[str, Any]] = []
@@ -80,7 +84,7 @@ async def explain(request: Request, runtime: Runtime, name: str | None, k: int,
         p = probs[row * grid.model_calls : (row + 1) * grid.model_calls]
         x = good[row]
         row += 1
-        t = _target(target, meta, p[0])
+        t = int(np.argmax(p[0])) if wanted is None else wanted
         drops = grid.drop_map(p, t)
         result: dict[str, Any] = {
             "filename": upload.filename,

@@ -20,6 +20,7 @@ def _page() -> str:
 
 @router.get("/", response_class=HTMLResponse, summary="A page to try the service",
             include_in_schema=False)
+@router.head("/", include_in_schema=False)
 async def page() -> HTMLResponse:
     return HTMLResponse(_page(), headers={
         # The page runs only its own inline script and talks only to this server.

@@ -17,7 +17,7 @@ from service.api.front import DirectRoute
 from service.api.routes.classify import record
 from service.errors import ModelNotReady, ServiceError, UnsupportedMediaType
 from service.model import ModelMetadata
-from service.protocol_v2 import FP32, infer_response, parse_infer, split_body
+from service.protocol_v2 import FP32, infer_response, max_arrays, parse_infer, split_body
 from service.runtime import Runtime
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"])
@@ -41,11 +41,13 @@ async def server_metadata() -> JSONResponse:
 
 
 @router.get("/health/live", summary="Server liveness")
+@router.head("/health/live", include_in_schema=False)
 async def server_live() -> JSONResponse:
     return JSONResponse({"live": True})
 
 
 @router.get("/health/ready", summary="Server readiness", responses=ERRORS)
+@router.head("/health/ready", include_in_schema=False)
 async def server_ready(runtime: RuntimeDep) -> JSONResponse:
     return JSONResponse({"ready": runtime.ready}, 200 if runtime.ready else 503)
 
@@ -104,18 +106,20 @@ async def handle_infer(request: Request, runtime: Runtime, params: dict[str, str
         meta = model.metadata
         assert meta is not None
         body = await read_body(request, s.max_body_bytes)
-        head, tail = split_body(body, request.headers.get("inference-header-content-length"))
+        head, tail = split_body(body, request.headers.get("inference-header-content-length"),
+                                max_arrays(meta, s.max_images_per_request))
         req = parse_infer(head, tail, meta, s.max_images_per_request)
+        deadline = runtime.deadline()
         if req.tensor is not None:
-            probs, batch_size = await runtime.infer(req.tensor, model)
+            probs, batch_size = await runtime.infer(req.tensor, model, deadline)
         else:
-            decoded = await runtime.decode(req.images, model)
+            decoded = await runtime.decode(req.images, model, deadline)
             for i, item in enumerate(decoded):
                 if isinstance(item, ServiceError):
                     item.message = f"image {i}: {item.message}"
                     raise item
             good = [d for d in decoded if isinstance(d, np.ndarray)]
-            probs, batch_size = await runtime.classify_pixels(good, model)
+            probs, batch_size = await runtime.classify_pixels(good, model, deadline)
     record(request, req.batch, batch_size, meta)
     content, header_length = infer_response(req, probs, meta)
     if header_length is None:
