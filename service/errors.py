@@ -8,6 +8,13 @@ framework, so training can share the imaging code that raises them.
 from __future__ import annotations
 
 
+def echo(value: object, limit: int = 80) -> str:
+    """A client's value quoted in an error message, cut to ``limit`` characters: a request can
+    carry megabytes where a name or a shape is expected, and the answer should not."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class ServiceError(Exception):
     """Base class: a client-visible error with a status code and a stable type name."""
 

@@ -23,7 +23,9 @@ and connection a client can make a worker hold.
   or an ``Expect: 100-continue`` that was refused) carries ``Connection: close`` and the
   connection is closed, so that an unread body is never taken for the next request.
 - Malformed requests get the service's JSON error shape (400), not uvicorn's plain text, and
-  are not logged above debug level: a client must not be able to fill the log.
+  are not logged above debug level: a client must not be able to fill the log. So do what
+  llhttp accepts but RFC 9112 refuses: an HTTP/1.1 request without Host (400), a request line
+  without a version (505), a transfer coding other than chunked (501).
 
 Errors written here use the error shape of the path's protocol; they are written as bytes,
 since no ASGI application runs for them.
@@ -50,7 +52,8 @@ PROBES = frozenset({b"/health/live", b"/health/ready", b"/v2/health/live", b"/v2
 CHUNK_FRAMING_BYTES = 32  # allowed per chunk of a chunked body (size line and CRLFs)
 LINGER_S = 2.0  # after an answer that left a body unread, how long the rest is read and dropped
 _REASONS = {400: "Bad Request", 408: "Request Timeout", 414: "URI Too Long",
-            431: "Request Header Fields Too Large", 503: "Service Unavailable"}
+            431: "Request Header Fields Too Large", 501: "Not Implemented",
+            503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,8 @@ class Protocol(HttpToolsProtocol):
         self._body_bytes = 0
         self._head_bytes = 0  # this request's URL, header and trailer fields
         self._fields = 0
+        self._host = False
+        self._codings = b""  # Transfer-Encoding
         self._chunks = 0
         # Bytes read since the last whole request that were not body: the head, chunk framing,
         # trailers, and whatever the parser holds in a field that has not ended yet.
@@ -225,6 +230,8 @@ class Protocol(HttpToolsProtocol):
         super().on_message_begin()
         self.evictable.pop(self, None)
         self._head_bytes = self._fields = self._chunks = 0
+        self._host = False
+        self._codings = b""
         if self._waiting in (None, "idle"):
             self._wait_for("headers")
 
@@ -247,9 +254,15 @@ class Protocol(HttpToolsProtocol):
                           f"{self.limits.max_header_bytes} bytes")
         if self._waiting == "body":
             return  # a trailer field: counted, but not one of the request's headers
+        lower = name.lower()
+        if lower == b"host":
+            self._host = True
+        elif lower == b"transfer-encoding":
+            self._codings += b"," + value
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._check_framing()
         if self._open_connections() > self.limits.max_connections and not self._is_probe():
             raise Refusal(503, "overloaded",
                           f"this worker has {self._open_connections()} open connections "
@@ -334,6 +347,21 @@ class Protocol(HttpToolsProtocol):
             self._refuse(Refusal(408, "request_timeout",
                                  f"the request headers did not arrive within "
                                  f"{self.limits.header_timeout_s:g} s"))
+
+    def _check_framing(self) -> None:
+        """What llhttp lets through but RFC 9112 refuses: a version other than 1.0 and 1.1 (an
+        HTTP/0.9 request line), an HTTP/1.1 request without Host, and a transfer coding other
+        than chunked (the body would be taken as unencoded)."""
+        version = self.parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            raise Refusal(505, "http_version_not_supported",
+                          f"HTTP/{version} is not supported; use HTTP/1.1")
+        if version == "1.1" and not self._host:
+            raise Refusal(400, "invalid_request", "an HTTP/1.1 request needs a Host header")
+        codings = [c.strip().lower() for c in self._codings.split(b",") if c.strip()]
+        if any(c != b"chunked" for c in codings):
+            raise Refusal(501, "not_implemented",
+                          "only the chunked transfer coding is supported")
 
     # --- refusing ------------------------------------------------------------------------------
     def _is_probe(self) -> bool:

@@ -27,7 +27,7 @@ import numpy as np
 
 from service.batcher import Batcher
 from service.config import Settings
-from service.errors import ModelNotFound, ModelNotReady
+from service.errors import ModelNotFound, ModelNotReady, echo
 from service.metrics import Metrics, ModelMetrics
 from service.model import CPU, Classifier, ModelLoadError, ModelMetadata
 from service.repository import Found, Problem, VersionPolicy, scan, version_key
@@ -153,7 +153,7 @@ class ModelSet:
         known = [r for r in self.listing() if r.name == name]
         if not known:
             names = sorted(self.serving) or ["none"]
-            return ModelNotFound(f"unknown model {name!r}; served: {', '.join(names)}")
+            return ModelNotFound(f"unknown model {echo(name)}; served: {', '.join(names)}")
         why = "; ".join(f"version {r.version} {r.state.value}"
                         + (f": {r.reason}" if r.reason else "") for r in known)
         return ModelNotReady(f"model {name!r} is not ready ({why})")
@@ -166,7 +166,8 @@ class ModelSet:
         if (name, version) in self._found:
             return ModelNotFound(f"model {name!r} version {version!r} is in the repository but "
                                  f"not served (version policy {self.policy}); served: {versions}")
-        return ModelNotFound(f"model {name!r} has no version {version!r}; served: {versions}")
+        return ModelNotFound(f"model {name!r} has no version {echo(version)}; served: "
+                             f"{versions}")
 
     def ready(self) -> tuple[bool, str]:
         """Whether every required model serves a version, and if not, why."""

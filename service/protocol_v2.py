@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, echo
 from service.model import ModelMetadata
 
 FP32 = "FP32"
@@ -97,11 +97,18 @@ def max_arrays(meta: ModelMetadata, max_images: int) -> int:
     return max_images * (1 + c * (1 + h)) + 16
 
 
+MAX_DIMS = 8  # an image tensor has 4; more are refused before they are echoed or multiplied
+MAX_DIM = 2**31 - 1
+
+
 def _shape(value: Any) -> list[int]:
-    dims = [_integer(d) for d in value] if isinstance(value, list) else []
-    if not dims or any(d is None or d < 0 for d in dims):
-        raise ProtocolError(f"'shape' must be a non-empty list of non-negative integers, "
-                            f"got {value!r}")
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_DIMS:
+        raise ProtocolError(f"'shape' must be a list of 1 to {MAX_DIMS} non-negative integers, "
+                            f"got {echo(value)}")
+    dims = [_integer(d) for d in value]
+    if any(d is None or not 0 <= d <= MAX_DIM for d in dims):
+        raise ProtocolError(f"'shape' must be a list of 1 to {MAX_DIMS} integers from 0 to "
+                            f"{MAX_DIM}, got {echo(value)}")
     return [int(d) for d in dims if d is not None]
 
 
@@ -150,13 +157,14 @@ def parse_infer(request: dict[str, Any], tail: bytes, meta: ModelMetadata,
     spec = inputs[0]
     name, datatype = spec.get("name"), spec.get("datatype")
     if name != meta.input_name:
-        raise ProtocolError(f"unknown input {name!r}; this model's input is {meta.input_name!r}")
+        raise ProtocolError(f"unknown input {echo(name)}; this model's input is "
+                            f"{meta.input_name!r}")
     shape = _shape(spec.get("shape"))
     params = _params(spec, f"input {name!r}")
     binary_size = params.get("binary_data_size")
     if binary_size is not None:
         if not isinstance(binary_size, int) or binary_size != len(tail):
-            raise ProtocolError(f"input {name!r}: binary_data_size {binary_size!r} does not "
+            raise ProtocolError(f"input {name!r}: binary_data_size {echo(binary_size)} does not "
                                 f"match the {len(tail)} bytes after the header")
         if "data" in spec:
             raise ProtocolError(f"input {name!r} has both 'data' and binary_data_size")
@@ -178,7 +186,7 @@ def parse_infer(request: dict[str, Any], tail: bytes, meta: ModelMetadata,
     elif datatype == BYTES:
         out.images = _images(spec, shape, tail if binary_size is not None else None)
     else:
-        raise ProtocolError(f"input {name!r}: datatype {datatype!r} is not supported; send "
+        raise ProtocolError(f"input {name!r}: datatype {echo(datatype)} is not supported; send "
                             f"{FP32} pixels in [0, 1] shaped {list(meta.input_shape)} or "
                             f"{BYTES} encoded images shaped [N]")
     out.output = _requested_output(request, meta)
@@ -251,7 +259,7 @@ def _images(spec: dict[str, Any], shape: list[int], raw: bytes | None) -> list[b
 def _flag(params: dict[str, Any], key: str, default: bool) -> bool:
     value = params.get(key, default)
     if not isinstance(value, bool):
-        raise ProtocolError(f"parameter {key!r} must be true or false, got {value!r}")
+        raise ProtocolError(f"parameter {key!r} must be true or false, got {echo(value)}")
     return value
 
 
@@ -264,7 +272,7 @@ def _requested_output(request: dict[str, Any], meta: ModelMetadata) -> Requested
         raise ProtocolError(f"request at most the one output, {meta.output_name!r}")
     spec = outputs[0]
     if spec.get("name") != meta.output_name:
-        raise ProtocolError(f"unknown output {spec.get('name')!r}; this model's output is "
+        raise ProtocolError(f"unknown output {echo(spec.get('name'))}; this model's output is "
                             f"{meta.output_name!r}")
     params = _params(spec, f"output {meta.output_name!r}")
     k = _integer(params.get("classification", 0))

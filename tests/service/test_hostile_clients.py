@@ -571,19 +571,38 @@ def test_a_body_read_whole_keeps_the_connection(
         assert status == 404 and headers.get("connection") != "close"
 
 
-@pytest.mark.parametrize("raw", [
-    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
-    b"GET /v1/\xff HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"POST /v1/classify HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"],
-    ids=["no colon", "non-ASCII path", "two lengths"])
-def test_malformed_requests_get_a_json_400(target: tuple[subprocess.Popen[bytes], int],
-                                           raw: bytes) -> None:
+@pytest.mark.parametrize(("raw", "status"), [
+    (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
+    (b"GET /v1/\xff HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4"
+     b"\r\n\r\nabcd", 400),
+    (b"GET /v1/models HTTP/1.1\r\n\r\n", 400),
+    (b"GET /v1/models\r\n\r\n", 505),
+    (b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+     b"1\r\nx\r\n0\r\n\r\n", 501)],
+    ids=["no colon", "non-ASCII path", "two lengths", "no Host", "HTTP/0.9", "gzip coding"])
+def test_malformed_requests_get_a_json_error(target: tuple[subprocess.Popen[bytes], int],
+                                             raw: bytes, status: int) -> None:
     _, port = target
     with connect(port) as sock:
         sock.sendall(raw)
-        status, headers, body = read_response(sock)
-    assert status == 400 and headers["content-type"] == "application/json"
-    assert error_of(body)["type"] == "invalid_request"
+        got, headers, body = read_response(sock)
+        assert closed_within(sock, 3)
+    assert got == status and headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    assert error_of(body)["type"] in ("invalid_request", "http_version_not_supported",
+                                      "not_implemented")
+
+
+def test_client_values_are_echoed_in_errors_only_in_part(
+        target: tuple[subprocess.Popen[bytes], int]) -> None:
+    _, port = target
+    head = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1] * 100_000,
+                        "data": [0]}]}
+    with connect(port) as sock:
+        sock.sendall(_v2_request(head))
+        status, _, body = read_response(sock)
+    assert status == 400 and len(body) < 1000
 
 
 def test_a_request_before_garbage_is_still_answered(

@@ -15,7 +15,7 @@ from service.api.body import read_body
 from service.api.deps import RuntimeDep
 from service.api.front import DirectRoute
 from service.api.routes.classify import record
-from service.errors import ModelNotReady, ServiceError, UnsupportedMediaType
+from service.errors import ModelNotReady, ServiceError, UnsupportedMediaType, echo
 from service.model import ModelMetadata
 from service.protocol_v2 import FP32, infer_response, max_arrays, parse_infer, split_body
 from service.runtime import Runtime
@@ -100,7 +100,7 @@ async def handle_infer(request: Request, runtime: Runtime, params: dict[str, str
     """The infer routes' work; served directly by ``service.api.front``."""
     encoding = request.headers.get("content-encoding", "identity").lower()
     if encoding != "identity":
-        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported")
+        raise UnsupportedMediaType(f"Content-Encoding {echo(encoding)} is not supported")
     s = runtime.settings
     with runtime.lease(params["name"], params.get("version")) as model:
         meta = model.metadata
