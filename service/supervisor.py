@@ -161,23 +161,38 @@ def serve_here(settings: Settings, sockets: list[socket.socket] | None = None,
     DrainingServer(uvicorn_config(app, settings), runtime).run(sockets=sockets)
 
 
-def _die_with_parent() -> None:
-    """On Linux, have the kernel send SIGTERM to this worker if the supervisor dies, even by
-    SIGKILL: an orphaned worker would go on serving a port nobody manages."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the supervisor's drain is all there is
-        return
-    if os.getppid() == 1:  # the supervisor died before the line above: already orphaned
-        os.kill(os.getpid(), signal.SIGTERM)
+def _die_with_parent(supervisor: int, grace_s: float) -> None:
+    """A worker ends when its supervisor does, even by SIGKILL: an orphaned worker would go on
+    serving a port nobody manages.
+
+    On Linux the kernel sends SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``): the
+    worker drains and exits. If the supervisor died before that was set, the worker has not
+    served anything yet and exits at once. SIGTERM is reset to its default first (the worker
+    may have inherited it ignored), so a signal before the server's handler is in ends the
+    worker too. A thread checks the parent every 0.5 s as well, whatever the platform or the
+    signal's fate, and ends a worker whose drain outlasts the grace period."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the watch thread remains
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before the line above: nothing served yet
+        os._exit(0)
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)  # drain, as for the kernel's signal
+        time.sleep(grace_s + 5)
+        os._exit(1)  # the drain did not end: end the process
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 def _worker_main(settings: Settings, sock: socket.socket, index: int,
-                 factory: ClassifierFactory | None) -> None:
+                 factory: ClassifierFactory | None, supervisor: int) -> None:
     from service.logs import configure
 
-    _die_with_parent()
+    _die_with_parent(supervisor, settings.graceful_timeout_s)
 
     configure(settings.log_level, settings.log_json)
     logging.getLogger("service").debug("worker %d (pid %d) starting", index, os.getpid())
@@ -198,7 +213,8 @@ class Supervisor:
 
     def _spawn(self, sock: socket.socket, index: int) -> tuple[SpawnProcess, float]:
         proc = self._ctx.Process(target=_worker_main,
-                                 args=(self.settings, sock, index, self.factory),
+                                 args=(self.settings, sock, index, self.factory,
+                                       os.getpid()),
                                  name=f"imgserve-worker-{index}", daemon=False)
         # Started with SIGHUP ignored (inherited across exec): a rescan request forwarded to a
         # worker that has not installed its handler yet must not end it.

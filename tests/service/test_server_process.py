@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import http.client
 import json
 import os
@@ -168,23 +170,85 @@ def test_during_the_drain_new_connections_get_503_not_a_refusal(
         get(port, "/health/live")
 
 
-@pytest.mark.parametrize("server", [(2, {})], indirect=True)
-def test_workers_exit_when_the_supervisor_is_killed(
-        server: tuple[subprocess.Popen[bytes], int]) -> None:
-    proc, port = server
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    workers = [int(p) for p in children
-               if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    assert len(workers) == 2
-    proc.kill()  # SIGKILL: no drain, no chance to pass a signal on
-    proc.wait(10)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(Path(f"/proc/{w}").exists() and b"Z" not in
-                                              Path(f"/proc/{w}/stat").read_bytes().split()[2]
-                                              for w in workers):
-        time.sleep(0.1)
-    alive = [w for w in workers if Path(f"/proc/{w}").exists()
-             and Path(f"/proc/{w}/stat").read_bytes().split()[2] != b"Z"]
-    assert not alive, f"workers {alive} outlived their supervisor"
-    with pytest.raises(ConnectionRefusedError):
-        get(port, "/health/live")
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
+
+
+def _workers_of(supervisor: int) -> list[int]:
+    try:
+        children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    except FileNotFoundError:
+        return []
+    return [int(p) for p in children if b"spawn_main" in _cmdline(int(p))]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().split()[2] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("moment", ["at spawn", "during warm-up", "serving"])
+def test_workers_exit_when_the_supervisor_is_killed(tmp_path: Path, moment: str) -> None:
+    """SIGKILL of the supervisor (no drain, no signal passed on) at three moments of a worker's
+    life: just spawned (before any handler), inside its start-up (loading and warming the photo
+    model), and serving. Every worker is gone within 10 s, and the port with them."""
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update({"PYTHONPATH": str(ROOT), "IMGSERVE_PORT": str(port),
+                "IMGSERVE_ACCESS_LOG": "false", "IMGSERVE_MAX_BATCH_SIZE": "64",
+                "IMGSERVE_MODEL_PATH": str(ROOT / "models" / "efficientnet_lite0_imagenet.onnx")})
+    log_path = tmp_path / "server.log"
+    # Orphans go to the nearest ancestor that is a child subreaper, as CI runners and container
+    # inits often are, not always to PID 1: this test process is one while the test runs.
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "service", "--workers", "2"], cwd=tmp_path,
+                                env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        workers: list[int] = []
+        while time.monotonic() < deadline:
+            workers = _workers_of(proc.pid)
+            if moment == "at spawn" and workers:
+                break
+            if moment == "during warm-up" and len(workers) == 2 and log_path.read_text().count(
+                    "Waiting for application startup") == 2:
+                break
+            if moment == "serving" and len(workers) == 2 and log_path.read_text().count(
+                    "inference ") == 2:  # both loaded and warm
+                break
+            time.sleep(0.001 if moment == "at spawn" else 0.02)
+        else:
+            raise AssertionError(f"never reached the moment: {log_path.read_text()[-2000:]}")
+        if moment == "during warm-up":
+            assert "loaded from" not in log_path.read_text()  # still warming up
+        workers = _workers_of(proc.pid)
+        proc.kill()  # SIGKILL: no drain, no chance to pass a signal on
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_running(w) for w in workers):
+            time.sleep(0.05)
+        alive = [w for w in workers if _running(w)]
+        assert not alive, f"workers {alive} outlived their supervisor"
+        with pytest.raises(ConnectionRefusedError):
+            get(port, "/health/live")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for w in workers:  # ours now, as their subreaper: reap them
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(w, 0)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0)
