@@ -16,13 +16,14 @@ still share one function and one result. The fast path is taken for:
 - of at most :data:`MAX_PIXELS` pixels: libspng holds the GIL while it decodes, so a large PNG
   stays with Pillow, which releases it.
 
-Anything else, and any PNG libspng refuses, goes to Pillow, whose verdict (and error message)
-stands.
+Anything else, any PNG with a chunk whose CRC does not match, and any PNG libspng refuses,
+goes to Pillow, whose verdict (and error message) stands.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,19 +71,30 @@ def sniff(data: bytes) -> SmallPng | None:
     length, kind, width, height, depth, colour, _, _, _ = _IHDR.unpack_from(data, 8)
     mode = MODES.get(colour)
     if (kind != b"IHDR" or length != 13 or depth != 8 or mode is None or width < 1
-            or height < 1 or width * height > MAX_PIXELS):
+            or height < 1 or width * height > MAX_PIXELS or not _crc_ok(data, 8, length)):
         return None
     offset = 8 + 8 + 13 + 4
     for _ in range(MAX_CHUNKS):
         if offset + _CHUNK.size > len(data):
             return None  # truncated: Pillow says how
         length, kind = _CHUNK.unpack_from(data, offset)
-        if kind not in PLAIN_CHUNKS:
+        if kind not in PLAIN_CHUNKS or not _crc_ok(data, offset, length):
             return None
         if kind == b"IEND":
             return SmallPng(data, (width, height), mode)
         offset += _CHUNK.size + length + 4
     return None
+
+
+def _crc_ok(data: bytes, offset: int, length: int) -> bool:
+    """Whether the chunk at ``offset`` is whole and its CRC matches its type and data. libspng
+    as built here decodes a PNG whose checksums are wrong; Pillow refuses most such files, and
+    the bytes are not the image that was sent: any mismatch sends the file to Pillow, whose
+    verdict stands."""
+    end = offset + _CHUNK.size + length
+    if end + 4 > len(data):
+        return False
+    return zlib.crc32(data[offset + 4 : end]) == int.from_bytes(data[end : end + 4], "big")
 
 
 def decode(png: SmallPng) -> np.ndarray | None:

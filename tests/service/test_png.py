@@ -3,12 +3,15 @@ every other PNG goes to Pillow, whose verdict stands."""
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -20,6 +23,7 @@ from service.errors import InvalidImage
 from service.imaging import PreprocessSpec, decode_image
 
 GREY = PreprocessSpec(28, 28, 1)
+SNEAKER = Path(__file__).resolve().parents[2] / "bench" / "data" / "fmnist_sneaker.png"
 SPECS = [GREY, PreprocessSpec(32, 32, 3), PreprocessSpec(20, 24, 3, resize="center_crop"),
          PreprocessSpec(16, 16, 1, interpolation="bicubic")]
 
@@ -157,3 +161,53 @@ def test_a_png_libspng_refuses_gets_pillows_error() -> None:
     assert png.sniff(broken) is not None
     with pytest.raises(InvalidImage, match="decode"):
         decode_image(broken, GREY)
+
+
+def test_a_png_with_a_wrong_header_checksum_is_refused(client: TestClient) -> None:
+    """One flipped byte in IHDR's CRC (offset 29): Pillow refuses the file, and so does the
+    service, raw and multipart, instead of classifying bytes that are not the image sent."""
+    data = bytearray(SNEAKER.read_bytes())
+    data[29] ^= 0x01
+    broken = bytes(data)
+    assert png.sniff(broken) is None
+    with pytest.raises(InvalidImage):
+        with_pillow(broken, GREY)
+    resp = client.post("/v1/classify", content=broken, headers={"Content-Type": "image/png"})
+    assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_image"
+    resp = client.post("/v1/classify", files=[("file", ("a.png", broken, "image/png")),
+                                              ("file", ("b.png", SNEAKER.read_bytes(),
+                                                        "image/png"))])
+    first, second = resp.json()["results"]
+    assert first["error"]["type"] == "invalid_image" and "predictions" in second
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_any_single_flipped_byte_gets_pillows_answer(data: st.DataObject) -> None:
+    """Flip any one byte of a valid small PNG (a real Fashion-MNIST image, and an RGB one): the
+    service's answer is Pillow's alone, the same pixels or a refusal."""
+    original = data.draw(st.sampled_from(_flip_sources()))
+    at = data.draw(st.integers(0, len(original) - 1))
+    value = data.draw(st.integers(0, 255).filter(lambda v: v != original[at]))
+    flipped = original[:at] + bytes([value]) + original[at + 1 :]
+    try:
+        expected: np.ndarray | type[Exception] = with_pillow(flipped, GREY)
+    except InvalidImage:
+        expected = InvalidImage
+    except Exception as exc:  # another refusal (415, 413): the same type is expected
+        expected = type(exc)
+    if isinstance(expected, np.ndarray):
+        assert np.array_equal(decode_image(flipped, GREY), expected)
+    else:
+        with pytest.raises(expected):
+            decode_image(flipped, GREY)
+
+
+@functools.cache
+def _flip_sources() -> list[bytes]:
+    from training.data import load_fashion_mnist
+
+    images = load_fashion_mnist("test").images
+    grey = images[7, 0].numpy()
+    rgb = np.stack([grey, images[8, 0].numpy(), images[9, 0].numpy()], -1)
+    return [SNEAKER.read_bytes(), encode(Image.fromarray(grey)), encode(Image.fromarray(rgb))]
