@@ -160,7 +160,21 @@ async def drive(port: int, server: subprocess.Popen[bytes], root: Path, images: 
     await asyncio.sleep(args.steady / 2)
     load.stop = True
     await asyncio.gather(*tasks)
-    return summarise(load, swaps, rss, steady_from, steady_to, args)
+    return {**summarise(load, swaps, rss, steady_from, steady_to, args),
+            "metric_versions": await metric_versions(port)}
+
+
+async def metric_versions(port: int, scrapes: int = 8) -> list[str]:
+    """The model versions /metrics shows series for, over several scrapes on new connections
+    (so that every worker answers some): after the swaps, only the last should remain."""
+    seen: set[str] = set()
+    for _ in range(scrapes):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            text = (await http.get("/metrics")).text
+        for line in text.splitlines():
+            if line.startswith("imgserve_") and 'version="' in line:
+                seen.add(line.split('version="', 1)[1].split('"', 1)[0])
+    return sorted(seen, key=int)
 
 
 def summarise(load: Load, swaps: list[tuple[str, str, float]], rss: list[float],
@@ -217,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                               cwd=ROOT, stdout=log, stderr=log)
     try:
         wait_http(f"http://127.0.0.1:{port}/health/ready")
-        return asyncio.run(drive(port, server, root, images, args))
+        result = asyncio.run(drive(port, server, root, images, args))
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -225,10 +239,13 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+        warnings = [line for line in (root / "server.log").read_text().splitlines()
+                    if "WARNING" in line or "Warning" in line]
         if args.keep:
             print(f"repository and server log kept in {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+    return {**result, "log_warnings": warnings[:5]}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -111,6 +112,9 @@ class Metrics:
                                      tuple[BufferedCounter, BufferedHistogram]] = {}
         self._buffers: list[Buffered] = []
         self.multiprocess_dir = multiprocess_dir
+        # Model versions unloaded, whose series no exposition shows: prometheus-client cannot
+        # remove a labelled series in multi-process mode (it warns, and its files keep them).
+        self.retired: set[tuple[str, str]] = set()
         r = self.registry
         self.requests = Counter("imgserve_requests_total",
                                 "HTTP requests by route and status class",
@@ -203,16 +207,43 @@ class Metrics:
         children[1].observe(seconds)
 
     def for_model(self, model: str, version: str) -> ModelMetrics:
+        self.retired.discard((model, version))
         return ModelMetrics(self, model, version)
 
+    def remove(self, metric: Any, *labels: str) -> None:
+        """Drop a labelled series: from the registry in one process; with several, hidden from
+        the exposition by :attr:`retired` instead (see there)."""
+        if self.multiprocess_dir is None:
+            with contextlib.suppress(KeyError):
+                metric.remove(*labels)
+
     def exposition(self) -> bytes:
-        """The Prometheus text format: this process's registry, or the sum over workers."""
+        """The Prometheus text format: this process's registry, or the sum over workers without
+        the series of retired model versions."""
         self.flush()
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
         merged = CollectorRegistry()
-        MultiProcessCollector(merged, path=str(self.multiprocess_dir))
+        merged.register(_WithoutRetired(MultiProcessCollector(None, str(self.multiprocess_dir)),
+                                        frozenset(self.retired)))
         return generate_latest(merged)
+
+
+class _WithoutRetired:
+    """A collector's metrics without the samples of retired (model, version) pairs."""
+
+    def __init__(self, inner: MultiProcessCollector, retired: frozenset[tuple[str, str]]) -> None:
+        self.inner = inner
+        self.retired = retired
+
+    def collect(self) -> Iterator[Any]:
+        for metric in self.inner.collect():
+            if self.retired:
+                metric.samples = [
+                    s for s in metric.samples
+                    if (s.labels.get("model", s.labels.get("name")), s.labels.get("version"))
+                    not in self.retired]
+            yield metric
 
 
 class ModelMetrics:
@@ -232,12 +263,13 @@ class ModelMetrics:
         self._buffers = [self.queue_wait, self.inference, self.batch_size, self.queue_depth,
                          self.images]
 
-    def remove(self) -> None:
-        """Drop this version's series from this process's registry once it is unloaded (with
-        several workers, prometheus-client's multi-process files keep the last values)."""
+    def remove(self, provider: str) -> None:
+        """Drop this version's series once it is unloaded, ``imgserve_model_info`` (with the
+        provider it ran on) included."""
         m = self._parent
         m.forget(self._buffers)
         for metric in (m.queue_wait, m.inference, m.batch_size, m.queue_depth, m.images,
                        m.batch_failures):
-            with contextlib.suppress(KeyError):
-                metric.remove(*self._labels)
+            m.remove(metric, *self._labels)
+        m.remove(m.model_info, *self._labels, provider)
+        m.retired.add(self._labels)

@@ -352,10 +352,8 @@ class ModelSet:
                 await v.batcher.stop(max(0.0, deadline - time.monotonic()))
             if v.classifier is not None:
                 await asyncio.to_thread(v.classifier.close)
-                with contextlib.suppress(KeyError):
-                    self._metrics.model_info.remove(v.name, v.version, v.classifier.provider)
-            if v.metrics is not None:
-                v.metrics.remove()
+                if v.metrics is not None:
+                    v.metrics.remove(v.classifier.provider)
         finally:
             v.batcher = v.classifier = v.metrics = None
             self._unloading.remove(v)

@@ -80,8 +80,9 @@ def test_updates_from_several_threads_are_not_lost_while_flushing() -> None:
 def test_a_removed_version_is_flushed_and_no_longer_buffered() -> None:
     metrics = Metrics()
     model = metrics.for_model("m", "1")
+    metrics.model_info.labels("m", "1", "CPUExecutionProvider").set(1)
     model.images.inc(5)
-    model.remove()
+    model.remove("CPUExecutionProvider")
     text = metrics.exposition().decode()
     assert 'version="1"' not in text  # its series are gone from this process ...
     model.images.inc(1)

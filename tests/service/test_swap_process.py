@@ -1,7 +1,8 @@
 """Versions swapped in a real server process with two workers, under load: nothing lost, every
-answer from the version it names, every worker on the last version at the end (SIGHUP
-handled by a single server process, and passed on by the supervisor to two workers). The full proof
-(64 clients, 10 swaps, latency and memory) is ``bench/swap_bench.py``; this is its small run."""
+answer from the version it names, every worker on the last version at the end, and only its
+series in /metrics (SIGHUP handled by a single server process, and passed on by the supervisor
+to two workers). The full proof (64 clients, 10 swaps, latency and memory) is
+``bench/swap_bench.py``; this is its small run."""
 
 from __future__ import annotations
 
@@ -20,3 +21,7 @@ def test_swaps_under_load_lose_nothing_and_answers_name_their_version(workers: i
     assert result["wrong_scores"] == 0  # each answer's scores are its named version's
     assert result["versions_answered"] == ["1", "2", "3", "4"]
     assert result["final_versions"] == ["4"]  # both workers converged on the last version
+    # Unloaded versions leave no series in /metrics, and (with two workers, where
+    # prometheus-client cannot remove a series) no warning in the log
+    assert result["metric_versions"] == ["4"]
+    assert result["log_warnings"] == []
