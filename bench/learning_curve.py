@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.serve_bench import cpu_model  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
+from training.config import TrainConfig, finetune_defaults  # noqa: E402
 from training.data import load_fashion_mnist, load_folder, write_image_folder  # noqa: E402
 from training.train import load_checkpoint, model_from_checkpoint, predict_proba, train  # noqa: E402
 
@@ -42,7 +42,9 @@ METHODS = {
     # the recipe chosen at 50 images per class on dev images (see the README): batch norm
     # adapted to the new images once the backbone learns; every image trains (no validation
     # split) for 40 epochs of the cosine schedule, and the last epoch is kept
-    "finetune": {**_FROZEN_BN, "backbone_bn": "adapt", "epochs": 40, "val_fraction": 0.0},
+    # (training.config.FINETUNE: what --pretrained defaults to on the command line)
+    "finetune": {**finetune_defaults(cuda=False), "pretrained": True, "patience": 8,
+                 "augment": "light"},
 }
 # batch norm adapting, 10% held out for validation, early stopping: the recipe before
 _ADAPT_VAL = {**_FROZEN_BN, "backbone_bn": "adapt", "epochs": 40, "patience": 12}

@@ -13,7 +13,7 @@ from typing import Any, TypeGuard
 
 import numpy as np
 
-from training.config import TINY, TrainConfig
+from training.config import TINY, TrainConfig, finetune_defaults
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,24 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                             help=f"{f.metadata['help']} (default: {f.default})")
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from training.train import train
-
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The training configuration of ``train``'s arguments: what the command line sets, over
+    ``--tiny``'s preset, over the fine-tuning recipe when ``--pretrained`` is given (its image
+    size for the device: 224 with CUDA, 96 without), over the field defaults."""
     values = {k: v for k, v in vars(args).items()
               if k in {f.name for f in dataclasses.fields(TrainConfig)} and v is not None}
     base = TINY if args.tiny else {}
-    cfg = TrainConfig.from_dict({**base, **values})
+    if values.get("pretrained"):
+        import torch
+
+        base = {**finetune_defaults(torch.cuda.is_available()), **base}
+    return TrainConfig.from_dict({**base, **values})
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from training.train import train
+
+    cfg = train_config(args)
     resume = Path(args.resume) if args.resume else None
     if resume is not None and args.out is None:
         cfg.out = str(resume if resume.is_dir() else resume.parent)
