@@ -45,9 +45,14 @@ class OcclusionMap(BaseModel):
     rows: int
     cols: int
     model_calls: int = Field(examples=[170], description="images run for this explanation")
-    fill: list[float] = Field(description="the occluder's value per channel, in [0, 1]")
+    occluder: str = Field(examples=["background"], description="what replaced a covered "
+                          "patch: background (the image's border colour), blur or mean")
+    fill: list[float] | None = Field(description="the occluder's value per channel, in [0, 1]; "
+                                     "null for blur, which replaces a patch with the image "
+                                     "blurred")
     drop: list[list[float]] = Field(description="rows x cols: the target's probability on the "
-                                    "image minus with that cell covered")
+                                    "image minus with that cell covered; negative where "
+                                    "covering it raises the probability")
 
 
 class Explanation(BaseModel):

@@ -27,7 +27,14 @@ from service.api.routes.classify import (
 )
 from service.api.schemas import ExplainResponse
 from service.errors import InvalidParameter, ServiceError
-from service.explain import MAX_IMAGES, Occlusion, heatmap_png, neutral_fill
+from service.explain import (
+    DEFAULT_OCCLUDER,
+    MAX_IMAGES,
+    OccluderKind,
+    Occlusion,
+    heatmap_png,
+    occluder,
+)
 from service.imaging import to_model_input
 from service.model import ModelMetadata
 from service.runtime import Runtime
@@ -58,7 +65,7 @@ def _target(raw: str | None, meta: ModelMetadata) -> int | None:
 
 async def explain(request: Request, runtime: Runtime, name: str | None, k: int,
                   target: str | None, patch: int | None, stride: int | None,
-                  heatmap: bool) -> JSONResponse:
+                  heatmap: bool, kind: str = DEFAULT_OCCLUDER) -> JSONResponse:
     s = runtime.settings
     with runtime.lease(name) as model:
         meta = model.metadata
@@ -70,8 +77,9 @@ async def explain(request: Request, runtime: Runtime, name: str | None, k: int,
         deadline = runtime.deadline()
         decoded = await runtime.decode([u.data for u in uploads], model, deadline)
         good = [to_model_input(d) for d in usable(decoded)]
-        fill = neutral_fill(meta.spec)
-        batch = np.concatenate([grid.copies(x, fill) for x in good])
+        covers = [occluder(kind, x, meta.spec, grid) for x in good]
+        batch = np.concatenate([grid.copies(x, cover) for x, cover in zip(good, covers,
+                                                                          strict=True)])
         probs, batch_size = await runtime.infer(batch, model, deadline)
     runtime.metrics.explanation_images.labels(meta.name).inc(len(batch))
     record(request, len(batch), batch_size, meta)
@@ -82,7 +90,7 @@ async def explain(request: Request, runtime: Runtime, name: str | None, k: int,
             results.append({"filename": upload.filename, **error_body(item.type, item.message)})
             continue
         p = probs[row * grid.model_calls : (row + 1) * grid.model_calls]
-        x = good[row]
+        x, cover = good[row], covers[row]
         row += 1
         t = int(np.argmax(p[0])) if wanted is None else wanted
         drops = grid.drop_map(p, t)
@@ -92,7 +100,9 @@ async def explain(request: Request, runtime: Runtime, name: str | None, k: int,
             "target": {"label": meta.labels[t], "index": t, "score": float(p[0, t])},
             "occlusion": {"patch": grid.patch, "stride": grid.stride, "rows": grid.rows,
                           "cols": grid.cols, "model_calls": grid.model_calls,
-                          "fill": [round(float(v), 4) for v in fill],
+                          "occluder": kind,
+                          "fill": [round(float(v), 4) for v in cover] if cover.ndim == 1
+                          else None,
                           "drop": np.round(drops, 5).tolist()},
         }
         if heatmap:
@@ -109,6 +119,10 @@ Patch = Annotated[int | None, Query(ge=1, le=4096, description=(
 Stride = Annotated[int | None, Query(ge=1, le=4096, description=(
     "step between occluder positions; default: a third of the patch"))]
 Heatmap = Annotated[bool, Query(description="add a PNG of the map over the input (base64)")]
+Occluder = Annotated[OccluderKind, Query(alias="occluder", description=(
+    "what replaces a covered patch: background (the image's border colour: covering background "
+    "changes nothing), blur (the image blurred: for photos with a busy background) or mean "
+    "(the normalisation mean, a grey)"))]
 
 
 @router.post("/v1/explain", response_model=ExplainResponse, responses=ERRORS,
@@ -116,8 +130,10 @@ Heatmap = Annotated[bool, Query(description="add a PNG of the map over the input
              summary="Explain the default model's answer (occlusion map)")
 async def explain_default(request: Request, runtime: RuntimeDep, top_k_: TopK = DEFAULT_TOP_K,
                           target: Target = None, patch: Patch = None, stride: Stride = None,
-                          heatmap: Heatmap = False) -> JSONResponse:
-    return await explain(request, runtime, None, top_k_, target, patch, stride, heatmap)
+                          heatmap: Heatmap = False,
+                          occluder_: Occluder = DEFAULT_OCCLUDER) -> JSONResponse:
+    return await explain(request, runtime, None, top_k_, target, patch, stride, heatmap,
+                         occluder_)
 
 
 @router.post("/v1/models/{name}/explain", response_model=ExplainResponse,
@@ -126,5 +142,7 @@ async def explain_default(request: Request, runtime: RuntimeDep, top_k_: TopK = 
 async def explain_named(name: str, request: Request, runtime: RuntimeDep,
                         top_k_: TopK = DEFAULT_TOP_K, target: Target = None,
                         patch: Patch = None, stride: Stride = None,
-                        heatmap: Heatmap = False) -> JSONResponse:
-    return await explain(request, runtime, name, top_k_, target, patch, stride, heatmap)
+                        heatmap: Heatmap = False,
+                        occluder_: Occluder = DEFAULT_OCCLUDER) -> JSONResponse:
+    return await explain(request, runtime, name, top_k_, target, patch, stride, heatmap,
+                         occluder_)
