@@ -24,15 +24,18 @@ COPY training ./training
 RUN pip wheel --no-cache-dir --no-deps --disable-pip-version-check --wheel-dir /wheels .
 
 # --- 2. virtual environments, installed by the same script the tests run -----------------------
+# constraints.txt pins every package to the versions the tests passed with.
 FROM ${PYTHON_IMAGE} AS venv-gpu
 COPY deploy/install-venv.sh /usr/local/bin/install-venv
+COPY constraints.txt /tmp/constraints.txt
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    install-venv /opt/venv "$(ls /wheels/imgserve-*.whl)" gpu
+    install-venv /opt/venv "$(ls /wheels/imgserve-*.whl)" gpu /tmp/constraints.txt
 
 FROM ${PYTHON_IMAGE} AS venv-cpu
 COPY deploy/install-venv.sh /usr/local/bin/install-venv
+COPY constraints.txt /tmp/constraints.txt
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    install-venv /opt/venv "$(ls /wheels/imgserve-*.whl)" cpu
+    install-venv /opt/venv "$(ls /wheels/imgserve-*.whl)" cpu /tmp/constraints.txt
 
 # --- 3. the runtime: no compilers, no torch, no training code, no data ---------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -8,7 +8,7 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: serve test lint dataset browser install-serve install-dev bench clean
+.PHONY: serve test lint dataset browser install-serve install-dev bench lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +16,12 @@ $(PY):
 
 ## Install the serving dependencies only (no torch) and serve the shipped model.
 install-serve: $(PY)
-	$(PIP) install --quiet -e .
+	$(PIP) install --quiet -c constraints.txt -e .
 
 serve: install-serve
 	$(PY) -m service --host $(HOST) --port $(PORT)
 
-## Training, test and lint tools; torch pinned to the CPU build by constraints.txt.
+## Training, test and lint tools; every package pinned by constraints.txt (torch to the CPU build).
 install-dev: $(PY)
 	$(PIP) install --quiet -c constraints.txt -e '.[train,dev]'
 
@@ -49,6 +49,10 @@ lint: install-dev
 ## The test command: installs what it needs, lints, runs the suite (not slow, not gpu).
 test: install-dev dataset browser lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+## Pin every package anew to what resolves today (an upgrade on purpose); then run make test.
+lock: $(PY)
+	$(PY) deploy/lock.py
 
 bench: install-dev dataset
 	$(PY) bench/serve_bench.py

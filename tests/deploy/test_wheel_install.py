@@ -28,7 +28,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (wheel,) = (work / "dist").glob("imgserve-*.whl")
     venv = work / "venv"
     res = subprocess.run(["sh", str(ROOT / "deploy" / "install-venv.sh"), str(venv), str(wheel),
-                          "cpu"], capture_output=True, text=True, cwd=work, timeout=600)
+                          "cpu", str(ROOT / "constraints.txt")], capture_output=True, text=True,
+                         cwd=work, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return venv
 
@@ -69,3 +70,16 @@ def test_installed_service_classifies_from_another_directory(installed: Path, tm
     assert status == 200, body
     top = json.loads(body)["results"][0]["predictions"][0]
     assert top["label"] == "Sneaker"
+
+
+def test_the_image_gets_the_pinned_versions(installed: Path, tmp_path: Path) -> None:
+    """Every package of the installed service is the version constraints.txt pins."""
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    listing = run_py(installed, "import importlib.metadata as m, json; print(json.dumps("
+                     "{d.metadata['Name']: d.version for d in m.distributions()}))", tmp_path)
+    for name, version in json.loads(listing.stdout).items():
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in ("imgserve", "pip", "setuptools", "wheel", "onnxruntime"):
+            continue  # the project; the venv's own tools; the CPU swap of onnxruntime-gpu
+        assert pins.get(key) == version, f"{name} {version} is not pinned ({pins.get(key)})"
