@@ -14,6 +14,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from training.config import TINY, TrainConfig, finetune_defaults
+from training.model_card import card_path, facts_from_run, hardware, write_card, write_folder
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +85,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     worst = export_onnx(model, spec, ckpt["classes"], Path(args.out), info)
     report: dict[str, Any] = {"out": args.out, "max_abs_diff_vs_torch": worst,
                               "test_accuracy": accuracy}
-    if args.calibrate or args.quantize:  # the run's own splits, read once
-        out = Path(args.out)
-        splits = _splits(out, cfg.data, cfg.val_fraction, cfg.seed)
-        if args.calibrate and not _has_images(splits["val"]):
-            report["calibration"] = None  # trained on all its images: nothing to fit T on
-            log.warning("not calibrated: the run has no validation images (--val-fraction 0)")
-        elif args.calibrate:  # on the validation split, never the test images
-            report["calibration"] = _calibrate(out, out, splits)
-        for kind in args.quantize:
-            report[kind] = _variant(out, kind, args.max_loss, splits)
+    out = Path(args.out)
+    splits = _splits(out, cfg.data, cfg.val_fraction, cfg.seed) if (
+        args.calibrate or args.quantize) else None  # the run's own splits, read once
+    if splits is not None and args.calibrate and not _has_images(splits["val"]):
+        report["calibration"] = None  # trained on all its images: nothing to fit T on
+        log.warning("not calibrated: the run has no validation images (--val-fraction 0)")
+    elif splits is not None and args.calibrate:  # on the validation split, never the test set
+        report["calibration"] = _calibrate(out, out, splits)
+    flags = " ".join([f"--name {info.name}", f"--version {args.version}",
+                      *([] if args.calibrate else ["--no-calibrate"])])
+    facts = facts_from_run(run, ckpt["config"], sum(p.numel() for p in model.parameters()),
+                           out, worst, flags, args.intended_use, args.limits)
+    report["model_card"] = str(write_card(out, facts))  # before the variants, which start from it
+    for kind in args.quantize:
+        report[kind] = _variant(out, kind, args.max_loss, splits)
     print(json.dumps(report))
     return 0
 
@@ -163,8 +169,24 @@ def _variant(path: Path, kind: str, max_loss: float, splits: dict[str, Arrays | 
         images, labels = measured
         calibration = train[0][:512]
     variant = make_variant(path, target, kind, calibration, images, labels, max_loss)
+    _variant_card(path, target, kind)
     return {"out": str(target), "size_bytes": target.stat().st_size,
             **json.loads(variant.to_json())}
+
+
+def _variant_card(source: Path, target: Path, kind: str) -> None:
+    """The variant's card: its source's facts, made by quantize (its measurements are in its
+    metadata, which the card renders)."""
+    source_card = card_path(source)
+    facts = json.loads(source_card.read_text()) if source_card.is_file() else {}
+    facts.update({
+        "summary": f"`{source.name}`, quantised to {kind}"
+                   + (" for CPUs." if kind == "int8" else " for GPUs."),
+        "parity": None, "hardware": f"quantised on {hardware()}", "time": None,
+        "order": facts.get("order", 100) + 1, "speed": None, "notes": None,
+        "reproduce": [f".venv/bin/python -m training quantize {source} --kind {kind}"],
+    })
+    write_card(target, facts)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -177,10 +199,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_imagenet(args: argparse.Namespace) -> int:
-    from training.pretrained import export_imagenet_lite0
+    from training.pretrained import export_imagenet_lite0, imagenet_card_facts
 
     worst = export_imagenet_lite0(Path(args.out), args.version)
-    print(json.dumps({"out": args.out, "max_abs_diff_vs_torch": worst}))
+    card = write_card(Path(args.out), imagenet_card_facts(Path(args.out), worst))
+    print(json.dumps({"out": args.out, "max_abs_diff_vs_torch": worst,
+                      "model_card": str(card)}))
+    return 0
+
+
+def _cmd_model_cards(args: argparse.Namespace) -> int:
+    print(write_folder(Path(args.folder)))
     return 0
 
 
@@ -234,7 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "keeps the test accuracy within --max-loss")
     p.add_argument("--max-loss", type=float, default=0.005,
                    help="accuracy a variant may lose, as a fraction (0.005 = 0.5 points)")
+    p.add_argument("--intended-use", help="the model card's intended use (default: images like "
+                   "the training data, into its classes)")
+    p.add_argument("--limits", help="the model card's limits (default: out of domain beyond "
+                   "the training data)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("model-cards", help="render a folder's model cards into its README.md",
+                       description="Render <model>.md for every <model>.card.json in a folder "
+                       "(written by export, export-imagenet and quantize), and all of them into "
+                       "the folder's README.md.")
+    p.add_argument("folder", nargs="?", default="models")
+    p.set_defaults(func=_cmd_model_cards)
 
     p = sub.add_parser("quantize", help="write an int8 or fp16 variant of an exported model",
                        description="Write a smaller variant of an exported ONNX model, measure "

@@ -36,6 +36,16 @@ def test_folder_user_story(tmp_path: Path) -> None:
     # Calibrated by default, on the folder's own validation split (10% of 180 images).
     assert report["calibration"]["validation_images"] == 18 > 0 < report["calibration"][
         "temperature"]
+    # The model card, from the run's evaluation and the file's metadata
+    card = Path(report["model_card"]).read_text()
+    assert Path(report["model_card"]) == tmp_path / "m.md"
+    for part in ("# Model card: `m.onnx`", "| Data | the image folder", "| Training | adam",
+                 "2 of 2 epochs", "| Test accuracy | **", "| Calibration | temperature scaling",
+                 "## Intended use", "## Reproduce", "--epochs 2 --batch-size 32 --out",
+                 "## Per-class results (test set)", "| Sandal |", "## Limits"):
+        assert part in card, part
+    facts = json.loads((tmp_path / "m.card.json").read_text())
+    assert facts["evaluation"]["n"] == 18 and facts["parity"] == report["max_abs_diff_vs_torch"]
 
 
 def test_bad_data_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
