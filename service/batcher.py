@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -68,6 +69,7 @@ class Batcher:
         workers: int = 1,
         inline: bool = False,
         metrics: ModelMetrics | None = None,
+        attach_thread: Callable[[], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -80,6 +82,7 @@ class Batcher:
         if inline and workers != 1:
             raise ValueError("inline inference runs one batch at a time: workers must be 1")
         self._predict = predict
+        self._attach_thread = attach_thread or (lambda: None)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images
@@ -108,10 +111,19 @@ class Batcher:
         return self._queued_images
 
     async def start(self) -> None:
+        """Start the inference threads (each prepared by ``attach_thread`` before any batch:
+        with sessions per thread, that builds and warms them) and the batching tasks."""
         if self._tasks:
             return
         if not self.inline:
-            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="inference")
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="inference",
+                                                initializer=self._attach_thread)
+            # One task per thread, each holding its thread until all have started: every
+            # thread is made, and prepared, now.
+            started = threading.Barrier(self.workers)
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(*(loop.run_in_executor(self._executor, started.wait)
+                                   for _ in range(self.workers)))
         self._tasks = [asyncio.create_task(self._worker(), name=f"batcher-{i}")
                        for i in range(self.workers)]
         self._tasks.append(asyncio.create_task(self._sweep(), name="batcher-deadlines"))
@@ -247,7 +259,9 @@ class Batcher:
                     break
             batch: list[_Item] = []
             size = 0
-            while self._queue and size + self._queue[0].n <= self.max_batch_size:
+            dtype = self._queue[0].x.dtype  # a batch holds one dtype (uint8 pixels or float32)
+            while (self._queue and size + self._queue[0].n <= self.max_batch_size
+                   and self._queue[0].x.dtype == dtype):
                 item = self._queue.popleft()
                 self._queued_images -= item.n
                 if item.future.done():  # the caller gave up (deadline or disconnect)

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.buckets import bucket_sizes, pad_rows
+from service.buckets import bucket_sizes
 from service.config import Settings
+from service.engine import Engine, EngineConfig, SessionFactory
 from service.imaging import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -71,13 +72,19 @@ class Classifier(ABC):
 
     @abstractmethod
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """N×C×H×W float32 in [0, 1] -> N×K float32 probabilities (same N, same order)."""
+        """N×C×H×W uint8 pixels (0-255) or float32 in [0, 1] -> N×K float32 probabilities
+        (same N, same order). A batch holds one dtype."""
 
     def warmup(self, batch_sizes: list[int]) -> None:
         """Run each batch size once so the first real request pays no first-call costs."""
         c, h, w = self.metadata.input_shape[1:]
         for n in batch_sizes:
-            self.predict(np.zeros((n, c, h, w), dtype=np.float32))
+            for dtype in (np.uint8, np.float32):
+                self.predict(np.zeros((n, c, h, w), dtype=dtype))
+
+    def attach_thread(self) -> None:  # noqa: B027 - optional hook
+        """Prepare this thread to run batches (the batcher calls it on each inference thread
+        before the model is ready)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
@@ -186,7 +193,6 @@ def _providers(settings: Settings) -> tuple[list[Any], str]:
         "cudnn_conv_algo_search": settings.cudnn_conv_algo_search,
         "do_copy_in_default_stream": settings.cuda_copy_in_default_stream,
         "arena_extend_strategy": settings.cuda_arena_extend_strategy,
-        "enable_cuda_graph": settings.cuda_graphs,
     }
     if settings.gpu_mem_limit_bytes:
         cuda_options["gpu_mem_limit"] = settings.gpu_mem_limit_bytes
@@ -203,59 +209,65 @@ def _providers(settings: Settings) -> tuple[list[Any], str]:
 
 
 class OnnxClassifier(Classifier):
-    """An ONNX Runtime session on the best usable provider, with batches padded to buckets."""
+    """An ONNX model on the best usable provider, run by :class:`service.engine.Engine`: one
+    session for every batch size on CPU, one session per bucket (per inference thread) on an
+    accelerator."""
 
-    def __init__(self, path: Path, settings: Settings, buckets: list[int] | None = None) -> None:
+    def __init__(self, path: Path, settings: Settings, buckets: list[int] | None = None,
+                 session_factory: SessionFactory = ort.InferenceSession) -> None:
         if not path.is_file():
             raise ModelLoadError(f"model file {path} not found")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = settings.intra_op_threads
-        options.inter_op_num_threads = 1
-        # Spinning workers burn a core per thread between calls without adding throughput.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
         providers, note = _providers(settings)
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load {path}: {exc}") from exc
-        self.provider = self.session.get_providers()[0]
-        self.provider_note = note
-        self.metadata = read_metadata(self.session, path, file_sha256(path))
-        on_gpu = self.provider in (CUDA, TENSORRT)
+        on_gpu = any(_name(p) in (CUDA, TENSORRT) for p in providers)
         use_buckets = settings.batch_buckets == "on" or (settings.batch_buckets == "auto"
                                                           and on_gpu)
-        # Buckets cap the number of shapes the session sees; on the GPU that avoids per-shape
-        # cuDNN tuning and arena growth. CUDA graphs need fixed shapes, so they imply buckets.
+        # Buckets cap the shapes, and each bucket has its own session (service.engine); CUDA
+        # graphs need both.
         self.buckets = buckets or (bucket_sizes(settings.max_batch_size)
                                    if use_buckets or settings.cuda_graphs else [])
-        self._io_binding = on_gpu and settings.io_binding
-        self._device_id = settings.device_id
+        config = EngineConfig(providers=providers, options=lambda: _options(settings),
+                              buckets=self.buckets, device="cuda" if on_gpu else "cpu",
+                              device_id=settings.device_id, io_binding=settings.io_binding,
+                              cuda_graphs=settings.cuda_graphs and on_gpu)
+        try:
+            self.engine = Engine(path.read_bytes(), config, session_factory)
+            # The metadata from the shared session, or (sessions per bucket, made by each
+            # inference thread) from a quick unoptimised one.
+            session = self.engine.session or ort.InferenceSession(
+                self.engine.model_bytes, _options(settings, optimize=False), providers=[CPU])
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load {path}: {exc}") from exc
+        self.metadata = read_metadata(session, path, file_sha256(path))
+        self.provider = str(session.get_providers()[0]) if self.engine.session else _name(
+            providers[0])
+        self.provider_note = note
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        n = batch.shape[0]
-        padded = pad_rows(batch, self.buckets) if self.buckets else batch
-        if self._io_binding:
-            out = self._run_bound(padded)
-        else:
-            out = self.session.run([self.metadata.output_name],
-                                   {self.metadata.input_name: padded})[0]
-        return np.asarray(out[:n])
+        return self.engine.run(batch)
 
-    def _run_bound(self, batch: np.ndarray) -> np.ndarray:
-        binding = self.session.io_binding()
-        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch), "cuda",
-                                                 self._device_id)
-        binding.bind_ortvalue_input(self.metadata.input_name, value)
-        binding.bind_output(self.metadata.output_name, "cpu")
-        self.session.run_with_iobinding(binding)
-        result: np.ndarray = binding.copy_outputs_to_cpu()[0]
-        return result
+    def attach_thread(self) -> None:
+        self.engine.attach_thread()
 
     def warmup(self, batch_sizes: list[int]) -> None:
-        super().warmup(self.buckets or batch_sizes)
+        self.engine.warmup(batch_sizes)
 
     def close(self) -> None:
-        """Free the session (and its memory arenas) now, not whenever the last reference goes."""
-        self.__dict__.pop("session", None)
+        """Free the sessions (and their memory arenas) now, not whenever the last reference
+        goes."""
+        self.__dict__.pop("engine", None)
+
+
+def _options(settings: Settings, optimize: bool = True) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.intra_op_num_threads = settings.intra_op_threads
+    options.inter_op_num_threads = 1
+    # Spinning workers burn a core per thread between calls without adding throughput.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
+
+
+def _name(provider: Any) -> str:
+    return str(provider[0] if isinstance(provider, tuple) else provider)

@@ -304,8 +304,9 @@ class ModelSet:
         v.metrics = self._metrics.for_model(f.name, f.version)
         v.batcher = Batcher(classifier.predict, max_batch_size=s.max_batch_size,
                             max_wait_s=s.max_wait_ms / 1000, max_queue_images=s.max_queue_images,
-                            workers=workers, inline=inline, metrics=v.metrics)
-        await v.batcher.start()
+                            workers=workers, inline=inline, metrics=v.metrics,
+                            attach_thread=classifier.attach_thread)
+        await v.batcher.start()  # with sessions per thread, each is warmed on its thread here
         v.state, v.loaded_at = State.READY, time.time()
         self._loaded[v.key] = v
         self._failed.pop(v.key, None)

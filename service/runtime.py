@@ -29,7 +29,6 @@ from service.imaging import (
     open_image,
     pixels_of,
     progressive,
-    to_model_input,
 )
 from service.metrics import FLUSH_INTERVAL_S, Metrics
 from service.model import Classifier, OnnxClassifier
@@ -226,8 +225,9 @@ class Runtime:
 
     async def infer(self, pixels: np.ndarray, model: Version,
                     deadline: float | None = None) -> tuple[np.ndarray, int]:
-        """Probabilities for an N×C×H×W float32 batch through the model's batcher, within the
-        request's deadline (the whole request timeout from now when None)."""
+        """Probabilities for an N×C×H×W batch (uint8 pixels or float32 in [0, 1]) through the
+        model's batcher, within the request's deadline (the whole request timeout from now when
+        None)."""
         timeout = self.settings.request_timeout_s
         if deadline is not None:
             timeout = max(0.0, deadline - asyncio.get_running_loop().time())
@@ -235,9 +235,10 @@ class Runtime:
 
     async def classify_pixels(self, decoded: Sequence[np.ndarray], model: Version,
                               deadline: float | None = None) -> tuple[np.ndarray, int]:
-        """Probabilities for decoded uint8 images."""
+        """Probabilities for decoded uint8 images: they stay uint8 until the model's engine
+        (on an accelerator, until they are on the device)."""
         batch = decoded[0][np.newaxis] if len(decoded) == 1 else np.stack(decoded)  # stack: ~3 us
-        return await self.infer(to_model_input(batch), model, deadline)
+        return await self.infer(batch, model, deadline)
 
 
 def _batcher(model: Version) -> Batcher:
