@@ -21,7 +21,9 @@ from service.errors import InvalidRequest, echo
 from service.model import ModelMetadata
 
 FP32 = "FP32"
+UINT8 = "UINT8"
 BYTES = "BYTES"
+TENSOR_TYPES: dict[str, np.dtype[Any]] = {FP32: np.dtype("<f4"), UINT8: np.dtype(np.uint8)}
 MAX_OBJECTS = 64  # JSON objects in a request header: the request, its tensors, their parameters
 
 
@@ -41,7 +43,7 @@ class InferRequest:
     input_name: str
     datatype: str
     shape: list[int]
-    tensor: np.ndarray | None = None  # FP32: N×C×H×W
+    tensor: np.ndarray | None = None  # FP32 (values in [0, 1]) or UINT8 (pixels): N×C×H×W
     images: list[bytes] = field(default_factory=list)  # BYTES: encoded images
     output: RequestedOutput = field(default_factory=lambda: RequestedOutput(binary=False))
 
@@ -181,45 +183,57 @@ def parse_infer(request: dict[str, Any], tail: bytes, meta: ModelMetadata,
         raise ProtocolError("the batch dimension must be at least 1")
     if shape[0] > max_images:
         raise ProtocolError(f"{shape[0]} images in one request; the limit is {max_images}")
-    if datatype == FP32:
-        out.tensor = _fp32(spec, shape, tail if binary_size is not None else None, meta)
+    if datatype in TENSOR_TYPES:
+        out.tensor = _tensor(spec, str(datatype), shape,
+                             tail if binary_size is not None else None, meta)
     elif datatype == BYTES:
         out.images = _images(spec, shape, tail if binary_size is not None else None)
     else:
         raise ProtocolError(f"input {name!r}: datatype {echo(datatype)} is not supported; send "
-                            f"{FP32} pixels in [0, 1] shaped {list(meta.input_shape)} or "
-                            f"{BYTES} encoded images shaped [N]")
+                            f"{UINT8} pixels (0-255) or {FP32} values in [0, 1] shaped "
+                            f"{list(meta.input_shape)}, or {BYTES} encoded images shaped [N]")
     out.output = _requested_output(request, meta)
     return out
 
 
-def _fp32(spec: dict[str, Any], shape: list[int], raw: bytes | None,
-          meta: ModelMetadata) -> np.ndarray:
+def _tensor(spec: dict[str, Any], datatype: str, shape: list[int], raw: bytes | None,
+            meta: ModelMetadata) -> np.ndarray:
+    """The model's input as sent: FP32 values in [0, 1], or UINT8 pixels, which stay uint8 (a
+    quarter of FP32's bytes over HTTP and to the device) until the model's engine divides them
+    by 255, as decoding an image would give them."""
     want = list(meta.input_shape[1:])
     if len(shape) != 4 or shape[1:] != want:
-        raise ProtocolError(f"FP32 input shape {shape} does not match the model's "
+        raise ProtocolError(f"{datatype} input shape {shape} does not match the model's "
                             f"[-1, {', '.join(map(str, want))}]")
+    dtype = TENSOR_TYPES[datatype]
     count = math.prod(shape)
     if raw is not None:
-        if len(raw) != count * 4:
-            raise ProtocolError(f"FP32 input shape {shape} needs {count * 4} bytes, got "
-                                f"{len(raw)}")
-        array = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        if len(raw) != count * dtype.itemsize:
+            raise ProtocolError(f"{datatype} input shape {shape} needs "
+                                f"{count * dtype.itemsize} bytes, got {len(raw)}")
+        array = np.frombuffer(raw, dtype=dtype).astype(dtype.newbyteorder("="))
     else:
         data = spec["data"]
         if not isinstance(data, list) or len(data) not in (count, shape[0]):
             # Flat (count numbers) or nested (shape[0] rows): anything else is refused before
             # numpy walks it.
-            raise ProtocolError(f"FP32 input shape {shape} holds {count} elements; 'data' must "
-                                f"be a list of that many numbers, or nested as the shape")
+            raise ProtocolError(f"{datatype} input shape {shape} holds {count} elements; "
+                                "'data' must be a list of that many numbers, or nested as the "
+                                "shape")
         try:
-            array = np.asarray(data, dtype=np.float32).reshape(-1)
-        except (ValueError, TypeError) as exc:
-            raise ProtocolError(f"FP32 'data' must be numbers, flat or nested: {exc}") from None
-        if array.size != count:
-            raise ProtocolError(f"FP32 input shape {shape} holds {count} elements, 'data' has "
-                                f"{array.size}")
-    if not np.isfinite(array).all():
+            values = np.asarray(data, dtype=np.float64)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ProtocolError(f"{datatype} 'data' must be numbers, flat or nested: "
+                                f"{exc}") from None
+        values = values.reshape(-1)
+        if values.size != count:
+            raise ProtocolError(f"{datatype} input shape {shape} holds {count} elements, "
+                                f"'data' has {values.size}")
+        if dtype.kind == "u" and not (np.all(values >= 0) and np.all(values <= 255)
+                                      and np.all(values == np.round(values))):
+            raise ProtocolError("UINT8 'data' must be integers from 0 to 255")
+        array = values.astype(dtype.newbyteorder("="))
+    if dtype.kind == "f" and not np.isfinite(array).all():
         raise ProtocolError("FP32 input holds NaN or infinite values")
     return array.reshape(shape)
 

@@ -93,6 +93,30 @@ def test_fp32_tensor_matches_v1(tc: triton.InferenceServerClient, shared_server:
     assert float(np.abs(got - want).max()) <= 1e-5
 
 
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_uint8_pixels_give_the_fp32_answer(tc: triton.InferenceServerClient, shared_server: int,
+                                           pixels: np.ndarray, binary: bool) -> None:
+    """UINT8 pixels, a quarter of FP32's bytes, are divided by 255 by the model's engine: the
+    same probabilities as the FP32 tensor and as /v1."""
+    x = pixels[:, None]
+    inp = triton.InferInput("input", list(x.shape), "UINT8")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    got = tc.infer(MODEL, [inp]).as_numpy("probabilities")
+    fp32 = triton.InferInput("input", list(x.shape), "FP32")
+    fp32.set_data_from_numpy(x.astype(np.float32) / 255.0)
+    assert np.array_equal(got, tc.infer(MODEL, [fp32]).as_numpy("probabilities"))
+    want = v1_full(shared_server, [png_bytes(p) for p in pixels])
+    assert float(np.abs(got - want).max()) <= 1e-5
+
+
+def test_uint8_values_are_checked(client: TestClient) -> None:
+    for data, words in (([256] * 784, "0 to 255"), ([-1] * 784, "0 to 255"),
+                        ([0.5] * 784, "0 to 255"), ([255] * 784, "")):
+        resp = client.post("/v2/models/tiny_cnn/infer", json={"inputs": [{
+            "name": "input", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": data}]})
+        assert resp.status_code == (400 if words else 200) and words in resp.text, resp.text
+
+
 def test_default_outputs_come_back_binary(tc: triton.InferenceServerClient,
                                           pixels: np.ndarray) -> None:
     x = (pixels[:2].astype(np.float32) / 255.0)[:, None]

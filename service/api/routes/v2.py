@@ -132,12 +132,14 @@ EXAMPLE_PNG_BASE64 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4n
                       "gAAAABJRU5ErkJggg==")  # a 1x1 grey PNG: the example runs as it stands
 TENSOR = {"type": "object", "required": ["name", "datatype", "shape", "data"], "properties": {
     "name": {"type": "string", "description": "the model's input name"},
-    "datatype": {"type": "string", "enum": ["FP32", "BYTES"]},
+    "datatype": {"type": "string", "enum": ["UINT8", "FP32", "BYTES"]},
     "shape": {"type": "array", "minItems": 1, "maxItems": 4,
               "items": {"type": "integer", "minimum": 1, "maximum": 64},
-              "description": "FP32: [N, C, H, W] as the model's input; BYTES: [N] or [N, 1]"},
+              "description": "UINT8 and FP32: [N, C, H, W] as the model's input; BYTES: [N] "
+                             "or [N, 1]"},
     "data": {"type": "array", "minItems": 1,
-             "description": "FP32: pixels in [0, 1], flat or nested, N*C*H*W of them; BYTES: "
+             "description": "UINT8: pixels 0-255, FP32: values in [0, 1] (pixels / 255), flat "
+                            "or nested, N*C*H*W of them; BYTES: "
                             "base64 of an encoded image (PNG, JPEG, ...) per element"},
     "parameters": {"type": "object"},
 }}
