@@ -47,8 +47,8 @@ class Settings(BaseSettings):
     log_level: str = Field("info", description="debug, info, warning or error")
     access_log: bool = Field(True, description="one structured line per request")
     workers: int = Field(
-        0, ge=0, le=64, description="server processes, each with its own model session and "
-        "batcher; 0 = one per usable CPU core (at most 8) on CPU, 1 when CUDA is used"
+        0, ge=0, le=64, description="server processes, each with its own model sessions and "
+        "batcher; 0 = one per usable CPU core (at most 8), with or without a GPU"
     )
     metrics_dir: Path | None = Field(
         None, description="directory for multi-process Prometheus metrics (workers > 1); "
@@ -60,7 +60,8 @@ class Settings(BaseSettings):
 
     # --- execution ----------------------------------------------------------------------------
     provider: Literal["auto", "cuda", "cpu"] = Field(
-        "auto", description="auto uses CUDA when usable, CPU otherwise"
+        "auto", description="auto uses CUDA when usable and faster for the model (a full batch "
+        "timed on each at start), CPU otherwise"
     )
     device_id: int = Field(0, ge=0, description="CUDA device index")
     require_gpu: bool = Field(
@@ -71,7 +72,8 @@ class Settings(BaseSettings):
     )
     inference_workers: int = Field(
         0, ge=0, le=64, description="batches that may run at the same time in one process; "
-        "0 = 1 on CPU, 2 on an accelerator (one batch forms while another computes)"
+        "0 = 1 on CPU, on an accelerator 2 with one worker process (one batch forms while "
+        "another computes) and 1 with several (the processes overlap)"
     )
     inference_inline: Literal["auto", "on", "off"] = Field(
         "auto", description="run batches on the event loop's thread, with no hand-off to an "
@@ -81,7 +83,10 @@ class Settings(BaseSettings):
     inline_max_batch_ms: float = Field(
         10.0, ge=0, description="auto inline inference: the longest a full warm batch may take"
     )
-    decode_threads: int = Field(0, ge=0, description="image decode threads; 0 = all cores")
+    decode_threads: int = Field(
+        0, ge=0, description="image decode threads per worker process; 0 = the usable cores "
+        "shared out over the workers (at least 1)"
+    )
     inline_decode_max_pixels: int = Field(
         16384, ge=0, description="images of at most this many pixels (from the header) are "
         "decoded on the event loop, larger ones in the decode threads"
@@ -103,8 +108,14 @@ class Settings(BaseSettings):
         "kSameAsRequested", description="GPU memory arena growth"
     )
     gpu_mem_limit_bytes: int = Field(0, ge=0, description="GPU arena limit in bytes; 0 = none")
-    cuda_graphs: bool = Field(False, description="capture a CUDA graph per batch bucket")
-    io_binding: bool = Field(True, description="bind inputs/outputs explicitly on CUDA")
+    cuda_graphs: bool = Field(
+        False, description="capture a CUDA graph per batch bucket (each bucket has its own "
+        "session per inference thread)"
+    )
+    io_binding: bool = Field(
+        True, description="with buckets, allocate each bucket's input and output once and "
+        "bind them (one copy in, one run, one copy out)"
+    )
     tensorrt: bool = Field(False, description="use the TensorRT provider when installed")
     tensorrt_fp16: bool = Field(True, description="let TensorRT use fp16 kernels")
     tensorrt_cache_dir: Path = Field(

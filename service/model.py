@@ -7,7 +7,6 @@ comes from the ONNX file's metadata, written by ``training.export``. Nothing her
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
@@ -23,12 +22,10 @@ from service.buckets import bucket_sizes
 from service.config import Settings
 from service.engine import Engine, EngineConfig, SessionFactory
 from service.imaging import PreprocessSpec
+from service.providers import CPU, CUDA, TENSORRT, choose_providers, provider_name, session_options
 
 log = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-TENSORRT = "TensorrtExecutionProvider"
 
 
 class ModelLoadError(RuntimeError):
@@ -148,66 +145,6 @@ def _json_prop(props: dict[str, str], key: str, path: Path) -> dict[str, Any] | 
         raise ModelLoadError(f"{path}: malformed {key}: {exc}") from exc
 
 
-def cuda_usable() -> tuple[bool, str]:
-    """Whether ONNX Runtime's CUDA provider can run here, without letting it try and log errors.
-
-    onnxruntime-gpu lists CUDA as available even with no GPU or no CUDA libraries; creating a
-    session then logs an error and falls back. Probing the driver and libraries first keeps the
-    CPU fallback quiet.
-    """
-    if CUDA not in ort.get_available_providers():
-        return False, "this onnxruntime build has no CUDA provider"
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False, "no NVIDIA driver (libcuda.so.1 not found)"
-    if driver.cuInit(0) != 0:
-        return False, "the NVIDIA driver found no usable GPU (cuInit failed)"
-    count = ctypes.c_int(0)
-    if driver.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value < 1:
-        return False, "no CUDA device"
-    preload = getattr(ort, "preload_dlls", None)
-    if preload is not None:  # CUDA/cuDNN from the nvidia-* pip packages, when installed
-        try:
-            preload()
-        except Exception as exc:  # pragma: no cover - depends on the host's libraries
-            log.debug("onnxruntime.preload_dlls: %s", exc)
-    build = getattr(getattr(ort, "capi", None), "build_and_package_info", None)
-    major = str(getattr(build, "cuda_version", "") or "13").split(".")[0]
-    for lib in (f"libcudart.so.{major}", f"libcublasLt.so.{major}", "libcudnn.so.9"):
-        try:
-            ctypes.CDLL(lib)
-        except OSError:
-            return False, f"{lib} not found (CUDA {major} and cuDNN 9 are needed)"
-    return True, f"{count.value} CUDA device(s)"
-
-
-def _providers(settings: Settings) -> tuple[list[Any], str]:
-    if settings.provider == "cpu":
-        return [CPU], "CPU forced by settings"
-    usable, why = cuda_usable()
-    if not usable and settings.provider == "auto":
-        return [CPU], f"CUDA not usable: {why}"
-    cuda_options = {
-        "device_id": settings.device_id,
-        "cudnn_conv_algo_search": settings.cudnn_conv_algo_search,
-        "do_copy_in_default_stream": settings.cuda_copy_in_default_stream,
-        "arena_extend_strategy": settings.cuda_arena_extend_strategy,
-    }
-    if settings.gpu_mem_limit_bytes:
-        cuda_options["gpu_mem_limit"] = settings.gpu_mem_limit_bytes
-    chain: list[Any] = [(CUDA, cuda_options), CPU]
-    if settings.tensorrt and TENSORRT in ort.get_available_providers():
-        settings.tensorrt_cache_dir.mkdir(parents=True, exist_ok=True)
-        chain.insert(0, (TENSORRT, {
-            "device_id": settings.device_id,
-            "trt_fp16_enable": settings.tensorrt_fp16,
-            "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(settings.tensorrt_cache_dir),
-        }))
-    return chain, why
-
-
 class OnnxClassifier(Classifier):
     """An ONNX model on the best usable provider, run by :class:`service.engine.Engine`: one
     session for every batch size on CPU, one session per bucket (per inference thread) on an
@@ -217,28 +154,29 @@ class OnnxClassifier(Classifier):
                  session_factory: SessionFactory = ort.InferenceSession) -> None:
         if not path.is_file():
             raise ModelLoadError(f"model file {path} not found")
-        providers, note = _providers(settings)
-        on_gpu = any(_name(p) in (CUDA, TENSORRT) for p in providers)
+        model_bytes = path.read_bytes()
+        providers, note = choose_providers(settings, model_bytes)
+        on_gpu = any(provider_name(p) in (CUDA, TENSORRT) for p in providers)
         use_buckets = settings.batch_buckets == "on" or (settings.batch_buckets == "auto"
                                                           and on_gpu)
         # Buckets cap the shapes, and each bucket has its own session (service.engine); CUDA
         # graphs need both.
         self.buckets = buckets or (bucket_sizes(settings.max_batch_size)
                                    if use_buckets or settings.cuda_graphs else [])
-        config = EngineConfig(providers=providers, options=lambda: _options(settings),
+        config = EngineConfig(providers=providers, options=lambda: session_options(settings),
                               buckets=self.buckets, device="cuda" if on_gpu else "cpu",
                               device_id=settings.device_id, io_binding=settings.io_binding,
                               cuda_graphs=settings.cuda_graphs and on_gpu)
         try:
-            self.engine = Engine(path.read_bytes(), config, session_factory)
+            self.engine = Engine(model_bytes, config, session_factory)
             # The metadata from the shared session, or (sessions per bucket, made by each
             # inference thread) from a quick unoptimised one.
             session = self.engine.session or ort.InferenceSession(
-                self.engine.model_bytes, _options(settings, optimize=False), providers=[CPU])
+                self.engine.model_bytes, session_options(settings, optimize=False), providers=[CPU])
         except Exception as exc:
             raise ModelLoadError(f"cannot load {path}: {exc}") from exc
         self.metadata = read_metadata(session, path, file_sha256(path))
-        self.provider = str(session.get_providers()[0]) if self.engine.session else _name(
+        self.provider = str(session.get_providers()[0]) if self.engine.session else provider_name(
             providers[0])
         self.provider_note = note
 
@@ -255,19 +193,3 @@ class OnnxClassifier(Classifier):
         """Free the sessions (and their memory arenas) now, not whenever the last reference
         goes."""
         self.__dict__.pop("engine", None)
-
-
-def _options(settings: Settings, optimize: bool = True) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    options.intra_op_num_threads = settings.intra_op_threads
-    options.inter_op_num_threads = 1
-    # Spinning workers burn a core per thread between calls without adding throughput.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    return options
-
-
-def _name(provider: Any) -> str:
-    return str(provider[0] if isinstance(provider, tuple) else provider)

@@ -284,7 +284,8 @@ class ModelSet:
             if s.require_gpu and classifier.provider == CPU:
                 raise ModelLoadError(f"require_gpu is set but the session runs on CPU: "
                                      f"{classifier.provider_note}")
-            workers = s.inference_workers or (1 if classifier.provider == CPU else 2)
+            workers = s.inference_workers or (1 if classifier.provider == CPU or s.workers > 1
+                                              else 2)
             inline = await asyncio.to_thread(self._choose_inline, classifier, workers)
         except Exception as exc:
             if classifier is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +51,7 @@ class Runtime:
         self.shutting_down = False
         self.active_requests = 0  # admitted and not yet answered (kept by service.api.front)
         self.started_at = time.time()
-        self._decode_pool = ThreadPoolExecutor(settings.decode_threads or os.cpu_count() or 1,
+        self._decode_pool = ThreadPoolExecutor(decode_threads(settings),
                                                thread_name_prefix="decode")
         self.bodies = BodyBudget(settings.max_inflight_body_bytes)
         self._decoding = PixelBudget(settings.max_decode_pixels_in_flight)
@@ -239,6 +238,16 @@ class Runtime:
         (on an accelerator, until they are on the device)."""
         batch = decoded[0][np.newaxis] if len(decoded) == 1 else np.stack(decoded)  # stack: ~3 us
         return await self.infer(batch, model, deadline)
+
+
+def decode_threads(settings: Settings) -> int:
+    """The decode pool's size: the setting, or the usable cores shared out over the worker
+    processes (each runs its own pool), at least one."""
+    if settings.decode_threads:
+        return settings.decode_threads
+    from service.supervisor import usable_cpus
+
+    return max(1, usable_cpus() // max(1, settings.workers))
 
 
 def _batcher(model: Version) -> Batcher:

@@ -44,9 +44,9 @@ def realistic(path: str, body: Any) -> Any:
             if tensor.get("datatype") == "BYTES":  # [N] encoded images
                 tensor["shape"] = [n]
                 tensor["data"] = [base64.b64encode(IMAGES[i % 4]).decode() for i in range(n)]
-            elif tensor.get("datatype") == "FP32":  # [N, 1, 28, 28] pixels
+            elif tensor.get("datatype") in ("FP32", "UINT8"):  # [N, 1, 28, 28] pixels
                 tensor["shape"] = [n, 1, 28, 28]
-                tensor["data"] = [0.5] * (n * 28 * 28)
+                tensor["data"] = [0.5 if tensor["datatype"] == "FP32" else 128] * (n * 28 * 28)
     return body
 
 
