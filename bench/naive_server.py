@@ -24,8 +24,11 @@ from PIL import Image
 options = ort.SessionOptions()
 options.intra_op_num_threads = 1
 options.inter_op_num_threads = 1
+# NAIVE_PROVIDER=cuda: the same handler on the GPU, one session per worker process
+providers = (["CUDAExecutionProvider", "CPUExecutionProvider"]
+             if os.environ.get("NAIVE_PROVIDER") == "cuda" else ["CPUExecutionProvider"])
 session = ort.InferenceSession(os.environ.get("NAIVE_MODEL", "models/fashion_mnist_seed_cnn.onnx"),
-                               options, providers=["CPUExecutionProvider"])
+                               options, providers=providers)
 input_name = session.get_inputs()[0].name
 meta = session.get_modelmeta().custom_metadata_map
 labels = json.loads(meta["imgserve.labels"])

@@ -164,7 +164,8 @@ def run_wrk(url: str, body: Path, headers: dict[str, str], concurrency: int, dur
     lines = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
         fh.write(LUA.format(path=body, headers=lines))
-    cmd = ["wrk", "-t", str(min(threads, concurrency)), "-c", str(concurrency), "-d",
+    cmd = [os.environ.get("WRK", "wrk"), "-t", str(min(threads, concurrency)), "-c",
+           str(concurrency), "-d",
            f"{duration:g}s", "--latency", "-s", fh.name, url]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
