@@ -299,3 +299,17 @@ def test_decoded_pixels_are_what_the_reduced_scale_jpeg_decode_gives(
     img.load()
     assert estimate == img.size[0] * img.size[1]
     assert decoded_pixels(open_image(encode(gradient(*size), "PNG")), spec) == size[0] * size[1]
+
+
+def test_a_baseline_jpeg_with_extra_scans_fails_at_once() -> None:
+    """Only progressive JPEGs decode scan after scan; libjpeg refuses a baseline one with
+    scans past its components at once, so its scans need no counting."""
+    import time
+
+    good = encode(gradient(1024, 768).convert("L"), "JPEG")
+    eoi = good.rindex(b"\xff\xd9")
+    sos = b"\xff\xda" + struct.pack(">H", 8) + bytes([1, 1, 0, 0, 0, 0])
+    started = time.perf_counter()
+    with pytest.raises(InvalidImage, match="decode"):
+        decode_image(good[:eoi] + sos * 20_000 + good[eoi:], GREY)
+    assert time.perf_counter() - started < 0.1
