@@ -83,6 +83,7 @@ class Batcher:
             raise ValueError("inline inference runs one batch at a time: workers must be 1")
         self._predict = predict
         self._attach_thread = attach_thread or (lambda: None)
+        self._prepare_error: BaseException | None = None
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images
@@ -117,17 +118,30 @@ class Batcher:
             return
         if not self.inline:
             self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="inference",
-                                                initializer=self._attach_thread)
+                                                initializer=self._prepare_thread)
             # One task per thread, each holding its thread until all have started: every
             # thread is made, and prepared, now.
             started = threading.Barrier(self.workers)
             loop = asyncio.get_running_loop()
-            await asyncio.gather(*(loop.run_in_executor(self._executor, started.wait)
-                                   for _ in range(self.workers)))
+            try:
+                await asyncio.gather(*(loop.run_in_executor(self._executor, started.wait)
+                                       for _ in range(self.workers)))
+            except BaseException:
+                started.abort()  # a thread that failed to prepare: release the others
+                if self._prepare_error is not None:  # its own error, not the pool's
+                    raise self._prepare_error from None
+                raise
         self._tasks = [asyncio.create_task(self._worker(), name=f"batcher-{i}")
                        for i in range(self.workers)]
         self._tasks.append(asyncio.create_task(self._sweep(), name="batcher-deadlines"))
         self._accepting = True
+
+    def _prepare_thread(self) -> None:
+        try:
+            self._attach_thread()
+        except BaseException as exc:
+            self._prepare_error = self._prepare_error or exc
+            raise
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Refuse new work, finish what is queued (up to the timeout), then stop the workers."""

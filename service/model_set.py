@@ -287,9 +287,26 @@ class ModelSet:
             workers = s.inference_workers or (1 if classifier.provider == CPU or s.workers > 1
                                               else 2)
             inline = await asyncio.to_thread(self._choose_inline, classifier, workers)
+            v.classifier = classifier
+            v.metadata = dataclasses.replace(classifier.metadata, name=f.name,
+                                             version=f.version)
+            v.metrics = self._metrics.for_model(f.name, f.version)
+            v.batcher = Batcher(classifier.predict, max_batch_size=s.max_batch_size,
+                                max_wait_s=s.max_wait_ms / 1000,
+                                max_queue_images=s.max_queue_images, workers=workers,
+                                inline=inline, metrics=v.metrics,
+                                attach_thread=classifier.attach_thread)
+            # With sessions per inference thread, each is made and warmed on its thread here:
+            # on a GPU that can fail (out of memory) as a load can.
+            await v.batcher.start()
         except Exception as exc:
+            if v.batcher is not None:
+                await v.batcher.stop(0)
+            if v.metrics is not None and classifier is not None:
+                v.metrics.remove(classifier.provider)
             if classifier is not None:
                 classifier.close()
+            v.batcher = v.classifier = v.metrics = None
             v.state, v.reason = State.FAILED, str(exc) or type(exc).__name__
             self._failed[v.key] = v
             self._metrics.model_loads.labels(f.name, "failed").inc()
@@ -300,14 +317,6 @@ class ModelSet:
             return
         finally:
             del self._loading[v.key]
-        v.classifier = classifier
-        v.metadata = dataclasses.replace(classifier.metadata, name=f.name, version=f.version)
-        v.metrics = self._metrics.for_model(f.name, f.version)
-        v.batcher = Batcher(classifier.predict, max_batch_size=s.max_batch_size,
-                            max_wait_s=s.max_wait_ms / 1000, max_queue_images=s.max_queue_images,
-                            workers=workers, inline=inline, metrics=v.metrics,
-                            attach_thread=classifier.attach_thread)
-        await v.batcher.start()  # with sessions per thread, each is warmed on its thread here
         v.state, v.loaded_at = State.READY, time.time()
         self._loaded[v.key] = v
         self._failed.pop(v.key, None)

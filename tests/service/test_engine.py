@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -197,3 +198,32 @@ def test_a_batch_holds_one_dtype() -> None:
     asyncio.run(main())
     assert all(dtype in ("uint8", "float32") for dtype, _ in seen)
     assert sum(n for _, n in seen) == 4 and len(seen) >= 2
+
+
+def test_an_inference_thread_that_cannot_prepare_fails_the_load_cleanly(
+        make_client: Any, shipped_model: Path) -> None:
+    """Sessions that cannot be made on an inference thread (a GPU out of memory, say) fail the
+    model's load with the reason, as any load failure does: nothing hangs."""
+
+    class CannotPrepare(OnnxClassifier):
+        calls = 0
+
+        def attach_thread(self) -> None:
+            type(self).calls += 1
+            if type(self).calls == 1:
+                raise RuntimeError("out of device memory (simulated)")
+
+    def factory(settings: Settings) -> Classifier:
+        return CannotPrepare(settings.model_path, settings)
+
+    client = make_client(factory, ready=False, model_path=shipped_model, batch_buckets="on",
+                         inference_workers=2, inference_inline="off")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        models = client.get("/v1/models").json()
+        reason = client.get("/health/ready").json().get("reason", "")
+        if "out of device memory" in reason:
+            break
+        time.sleep(0.05)
+    assert "out of device memory (simulated)" in reason, (reason, models)
+    assert client.get("/health/live").status_code == 200
