@@ -39,21 +39,18 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from service.buckets import bucket_for
+from service.imaging import to_model_input
+from service.providers import CUDA, provider_name
 
 log = logging.getLogger(__name__)
 
 SessionFactory = Callable[..., Any]  # (model bytes, SessionOptions, providers=...) -> session
-CUDA = "CUDAExecutionProvider"
 PIXEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
 
 
 def to_unit_range(batch: np.ndarray) -> np.ndarray:
-    """uint8 pixels to float32 in [0, 1] (a copy, divided in place), float32 as it is."""
-    if batch.dtype == np.float32:
-        return batch
-    x = batch.astype(np.float32)
-    x /= np.float32(255.0)
-    return x
+    """uint8 pixels to float32 in [0, 1] as training computes them, float32 as it is."""
+    return batch if batch.dtype == np.float32 else to_model_input(batch)
 
 
 def normalizer_model(shape: Sequence[int], opset: int = 13) -> bytes:
@@ -177,8 +174,9 @@ class Engine:
     def bucket_providers(self) -> list[Any]:
         """The providers of a bucket session: with ``cuda_graphs``, CUDA captures a graph (each
         bucket session sees one shape through the same bound buffers, as graphs require)."""
-        return [_with(p, enable_cuda_graph=True) if self.config.cuda_graphs and _name(p) == CUDA
-                else p for p in self.config.providers]
+        graphs = self.config.cuda_graphs
+        return [_with(p, enable_cuda_graph=True) if graphs and provider_name(p) == CUDA else p
+                for p in self.config.providers]
 
     def normalizer_providers(self) -> list[Any]:
         """The model's providers, never with a CUDA graph (two nodes: nothing to gain)."""
@@ -222,10 +220,6 @@ class Engine:
         for n in sizes:
             for dtype in PIXEL_DTYPES:
                 self.run(np.zeros((n, *self.input_shape[1:]), dtype))
-
-
-def _name(provider: Any) -> str:
-    return str(provider[0] if isinstance(provider, tuple) else provider)
 
 
 def _with(provider: Any, **options: Any) -> tuple[str, dict[str, Any]]:

@@ -27,7 +27,6 @@ from service.providers import CPU, CUDA, TENSORRT, choose_providers, provider_na
 log = logging.getLogger(__name__)
 
 
-
 class ModelLoadError(RuntimeError):
     """The file is missing, not ONNX, or lacks the metadata the service needs."""
 

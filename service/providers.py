@@ -3,8 +3,9 @@
 ``provider=auto`` uses CUDA when it is usable (:func:`cuda_usable` probes the driver and the
 libraries first, so a CPU host falls back quietly) and the model is faster there: at start, a
 full batch of the model is timed on each (:func:`choose_providers`). For a small model the CPU
-can win: copying to the device and launching a kernel per layer costs more than computing it
-here. The choice and its figures go into ``provider_note`` (``GET /v1/models``).
+may win, where copying to the device and launching a kernel per layer costs more than computing
+it here (not yet measured on a GPU). The choice and its figures go into ``provider_note``
+(``GET /v1/models``).
 """
 
 from __future__ import annotations
@@ -99,8 +100,6 @@ def cuda_chain(settings: Settings) -> list[Any]:
     return chain
 
 
-
-
 def choose_providers(settings: Settings, model_bytes: bytes) -> tuple[list[Any], str]:
     """The provider chain for a model, and why."""
     if settings.provider == "cpu":
@@ -126,7 +125,7 @@ def choose_providers(settings: Settings, model_bytes: bytes) -> tuple[list[Any],
 
 
 def time_batch(model_bytes: bytes, settings: Settings, providers: list[Any]) -> float:
-    """Seconds for one full batch of uint8-range inputs (copies in and out included), the
+    """Seconds for one full batch of float32 inputs in [0, 1] (copies in and out included), the
     fastest of a few calls after one untimed."""
     options = session_options(settings)
     session = ort.InferenceSession(model_bytes, options, providers=providers)
